@@ -1,0 +1,50 @@
+"""prunekit: make PyTorch models sparse, smaller and faster.
+
+Every name of ``torch.ao.pruning`` is exported here with the same signature, so code
+written for the reference runs after changing only its import.
+"""
+
+from prunekit.errors import (
+    ConfigError,
+    ConfigTypeError,
+    FqnError,
+    PruneKitError,
+    StateDictError,
+    StateError,
+    UnsupportedError,
+)
+from prunekit.fqn import fqn_to_module, get_arg_info_from_tensor_fqn, module_to_fqn
+from prunekit.mappings import (
+    get_dynamic_sparse_quantized_mapping,
+    get_static_sparse_quantized_mapping,
+)
+from prunekit.parametrization import FakeSparsity, module_contains_param
+from prunekit.scheduler import BaseScheduler, CubicSL, LambdaSL
+from prunekit.sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
+from prunekit.swap import swap_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseScheduler",
+    "BaseSparsifier",
+    "ConfigError",
+    "ConfigTypeError",
+    "CubicSL",
+    "FakeSparsity",
+    "FqnError",
+    "LambdaSL",
+    "NearlyDiagonalSparsifier",
+    "PruneKitError",
+    "StateDictError",
+    "StateError",
+    "UnsupportedError",
+    "WeightNormSparsifier",
+    "fqn_to_module",
+    "get_arg_info_from_tensor_fqn",
+    "get_dynamic_sparse_quantized_mapping",
+    "get_static_sparse_quantized_mapping",
+    "module_contains_param",
+    "module_to_fqn",
+    "swap_module",
+]

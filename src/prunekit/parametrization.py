@@ -1,0 +1,96 @@
+"""Parametrizations that attach masks to tensors through ``torch.nn.utils.parametrize``.
+
+``FakeSparsity`` is the reference's mask parametrization with one addition that makes
+a prepared model as fast as a plain one at inference: once the owner has zeroed the
+masked entries of the original tensor in place (``apply_``), a no-grad forward returns
+the original unchanged instead of recomputing ``mask * weight`` on every access. Any
+change to the original or the mask (tracked by their version counters) falls back to
+the multiply, so the result is always ``mask * original``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import ConfigError
+
+__all__ = ["FakeSparsity", "module_contains_param"]
+
+
+def _tensor_key(t: torch.Tensor) -> tuple[int, int]:
+    return (t._version, t.data_ptr())
+
+
+def _symbolic() -> bool:
+    """True while tracing, scripting, exporting or compiling: always emit the multiply."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
+
+
+class FakeSparsity(nn.Module):
+    """Multiply a tensor by a fixed-identity ``mask`` buffer (bool or float).
+
+    The mask never appears in the model's ``state_dict`` (masks belong to the sparsifier),
+    and callers update it in place so its identity stays fixed.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self._applied_key: tuple[tuple[int, int], tuple[int, int], int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask.shape != x.shape:
+            raise ConfigError(
+                f"FakeSparsity: mask shape {tuple(mask.shape)} must match the tensor's shape "
+                f"{tuple(x.shape)}"
+            )
+        if self._is_applied_to(x):
+            return x
+        return x * mask
+
+    def _is_applied_to(self, x: torch.Tensor) -> bool:
+        key = self._applied_key
+        if key is None or _symbolic() or not isinstance(x, torch.Tensor):
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False  # the multiply is what zeroes the gradient of masked entries
+        return key == (_tensor_key(x), _tensor_key(self.mask), id(x))
+
+    @torch.no_grad()
+    def apply_(self, original: torch.Tensor) -> None:
+        """Zero the masked entries of ``original`` in place and remember that it is masked.
+
+        Only bool masks qualify: a float mask may hold values other than 0 and 1.
+        """
+        mask = self.mask
+        if mask.dtype != torch.bool or mask.shape != original.shape:
+            self._applied_key = None
+            return
+        original.masked_fill_(~mask, 0)
+        self._applied_key = (_tensor_key(original), _tensor_key(mask), id(original))
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        """Masks are kept out of the model's state_dict (the sparsifier owns them)."""
+        return {}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_applied_key"] = None  # pointers and versions do not survive a copy
+        return state
+
+
+def module_contains_param(module: nn.Module, parametrization: type[nn.Module]) -> bool:
+    """True if any tensor of ``module`` carries a parametrization of that class."""
+    if not parametrize.is_parametrized(module):
+        return False
+    return any(
+        isinstance(p, parametrization)
+        for plist in module.parametrizations.values()
+        for p in plist
+    )

@@ -1,0 +1,129 @@
+"""Shared benchmark plumbing: interleaved timing, medians, and result files.
+
+Every benchmark runs prunekit and its peers in one process on the same tensors,
+interleaved, and reports medians and ratios ``peer / prunekit`` (> 1: prunekit wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--quick`` (CI smoke sizes), ``--repeats``, ``--threads``, ``--seed``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+    }
+
+
+def interleaved(
+    candidates: dict[str, Callable[[], Any]],
+    repeats: int,
+    setup: Callable[[str], Any] | None = None,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Median seconds of each candidate, run in turn (a, b, a, b, ...) so drift in the
+    machine's load hits all of them alike. ``setup(name)`` runs untimed before each call."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for i in range(warmup + repeats):
+        for name, fn in candidates.items():
+            if setup is not None:
+                setup(name)
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_python_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated through Python's allocator while ``fn`` runs (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def ratio(peer: float, ours: float) -> float:
+    return float("inf") if ours == 0 else peer / ours
+
+
+def write_results(name: str, rows: list[dict[str, Any]], notes: str = "", quick: bool = False) -> Path:
+    """Write ``results/NAME.json`` and ``results/NAME.md`` (``NAME-quick`` in quick mode)."""
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"{name}-quick" if quick else name
+    payload = {"benchmark": name, "environment": environment(), "rows": rows, "notes": notes}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    md = [f"# {name}", "", _env_line(payload["environment"]), ""]
+    if notes:
+        md += [notes, ""]
+    md += markdown_table(rows)
+    path = RESULTS / f"{stem}.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def _env_line(env: dict[str, Any]) -> str:
+    return f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, Python {env['python']}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)

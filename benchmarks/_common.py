@@ -94,7 +94,9 @@ def ratio(peer: float, ours: float) -> float:
     return float("inf") if ours == 0 else peer / ours
 
 
-def write_results(name: str, rows: list[dict[str, Any]], notes: str = "", quick: bool = False) -> Path:
+def write_results(
+    name: str, rows: list[dict[str, Any]], notes: str = "", quick: bool = False
+) -> Path:
     """Write ``results/NAME.json`` and ``results/NAME.md`` (``NAME-quick`` in quick mode)."""
     RESULTS.mkdir(exist_ok=True)
     stem = f"{name}-quick" if quick else name

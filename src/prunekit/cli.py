@@ -16,13 +16,17 @@ def _demo(args: argparse.Namespace) -> int:
     import prunekit
 
     torch.manual_seed(args.seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
     sparsifier = prunekit.WeightNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 1))
     sparsifier.prepare(model, config=None)
     scheduler = prunekit.CubicSL(sparsifier, init_sl=0.0, delta_t=1, total_t=5)
     for epoch in range(6):
         sparsifier.step()
-        levels = ", ".join(f"{g['tensor_fqn']}={g['sparsity_level']:.2f}" for g in sparsifier.groups)
+        levels = ", ".join(
+            f"{g['tensor_fqn']}={g['sparsity_level']:.2f}" for g in sparsifier.groups
+        )
         print(f"epoch {epoch}: target {levels}")
         scheduler.step()
     sparsifier.squash_mask()

@@ -57,7 +57,9 @@ def _scores(chunk: torch.Tensor, norm_fn: NormFn) -> torch.Tensor:
     return norm_fn(chunk).to(chunk.dtype)
 
 
-def block_means(matrix: torch.Tensor, norm_fn: NormFn, block_shape: tuple[int, int]) -> torch.Tensor:
+def block_means(
+    matrix: torch.Tensor, norm_fn: NormFn, block_shape: tuple[int, int]
+) -> torch.Tensor:
     """Mean score of every ``block_shape`` block of ``matrix`` (partial edge blocks are
     averaged over their valid elements); shape ``(ceil(rows/bh), ceil(cols/bw))``."""
     bh, bw = block_shape
@@ -135,7 +137,9 @@ def _pruned_blocks(
     return _select(means, k, threshold)
 
 
-def _expand_blocks(blocks: torch.Tensor, block_shape: tuple[int, int], shape: torch.Size) -> torch.Tensor:
+def _expand_blocks(
+    blocks: torch.Tensor, block_shape: tuple[int, int], shape: torch.Size
+) -> torch.Tensor:
     """Repeat a per-block bool map to element resolution and crop it to ``shape``."""
     bh, bw = block_shape
     nbr, nbc = blocks.shape
@@ -161,6 +165,13 @@ def _lowest_in_blocks(
     return lowest.view(nbr, nbc, bh, bw).permute(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)
 
 
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """The full tensor behind a sharded ``DTensor`` (an all-gather every rank joins, so
+    all ranks score the same values and get the same mask); other tensors as they are."""
+    full_tensor = getattr(weight, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else weight
+
+
 def weight_norm_mask(
     weight: torch.Tensor,
     sparsity_level: float,
@@ -182,7 +193,8 @@ def weight_norm_mask(
     bh, bw = sparse_block_shape
     block_size = bh * bw
     zeros = block_size if zeros_per_block is None else zeros_per_block
-    if sparsity_level <= 0 or zeros == 0:
+    weight = _dense(weight)
+    if sparsity_level <= 0 or zeros == 0 or weight.numel() == 0:
         return torch.ones_like(weight, dtype=torch.bool)
     if sparsity_level >= 1 and zeros == block_size:
         return torch.zeros_like(weight, dtype=torch.bool)

@@ -16,7 +16,26 @@ from torch.nn.utils import parametrize
 
 from prunekit.errors import ConfigError
 
-__all__ = ["FakeSparsity", "module_contains_param"]
+__all__ = ["FakeSparsity", "is_dtensor", "module_contains_param"]
+
+
+def is_dtensor(t: object) -> bool:
+    """True for a ``DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _shard_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full (replicated) ``mask``, laid out like the DTensor ``x``.
+
+    No communication: every rank holds the same full mask and cuts its own shard.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(mask, x.device_mesh, x.placements, src_data_rank=None)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple[int, int]:
@@ -40,7 +59,8 @@ class FakeSparsity(nn.Module):
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("mask", mask)
+        # not persistent: a prepared model's state_dict has no masks and loads strictly
+        self.register_buffer("mask", mask, persistent=False)
         self._applied_key: tuple[tuple[int, int], tuple[int, int], int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +72,8 @@ class FakeSparsity(nn.Module):
             )
         if self._is_applied_to(x):
             return x
+        if is_dtensor(x) and not is_dtensor(mask):
+            mask = _shard_like(mask, x)  # a sharded original read outside FSDP's forward
         return x * mask
 
     def _is_applied_to(self, x: torch.Tensor) -> bool:
@@ -72,6 +94,10 @@ class FakeSparsity(nn.Module):
         if mask.dtype != torch.bool or mask.shape != original.shape:
             self._applied_key = None
             return
+        if is_dtensor(original):
+            original.masked_fill_(~_shard_like(mask, original), 0)
+            self._applied_key = None  # FSDP swaps in a gathered copy: no fast path
+            return
         original.masked_fill_(~mask, 0)
         self._applied_key = (_tensor_key(original), _tensor_key(mask), id(original))
 
@@ -90,7 +116,5 @@ def module_contains_param(module: nn.Module, parametrization: type[nn.Module]) -
     if not parametrize.is_parametrized(module):
         return False
     return any(
-        isinstance(p, parametrization)
-        for plist in module.parametrizations.values()
-        for p in plist
+        isinstance(p, parametrization) for plist in module.parametrizations.values() for p in plist
     )

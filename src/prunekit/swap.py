@@ -26,8 +26,8 @@ def swap_module(mod: nn.Module, mapping: dict[type[nn.Module], type[nn.Module]])
     devices = {t.device for t in [*mod.parameters(), *mod.buffers()]}
     if len(devices) > 1:
         raise ConfigError(
-            f"swap_module: {source.__name__} has tensors on several devices {sorted(map(str, devices))}; "
-            "expected one"
+            f"swap_module: {source.__name__} has tensors on several devices "
+            f"{sorted(map(str, devices))}; expected one"
         )
     new_mod = target.from_dense(mod)
     for hook in mod._forward_pre_hooks.values():

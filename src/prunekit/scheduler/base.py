@@ -13,7 +13,6 @@ import weakref
 from functools import wraps
 from typing import Any
 
-
 from prunekit.errors import ConfigError, ConfigTypeError, StateDictError
 from prunekit.sparsifier.base import BaseSparsifier
 
@@ -100,7 +99,9 @@ class BaseScheduler:
             )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__} (\nSparsifier {self.sparsifier}\n    base_sl: {self.base_sl}\n)"
+        return (
+            f"{type(self).__name__} (\nSparsifier {self.sparsifier}\n    base_sl: {self.base_sl}\n)"
+        )
 
     def _warn_order(self) -> None:
         if not hasattr(self.sparsifier.step, "_with_counter"):
@@ -130,7 +131,7 @@ class BaseScheduler:
             values = self.get_sl()
         finally:
             self._get_sl_called_within_step = False
-        for i, (group, sl) in enumerate(zip(self.sparsifier.groups, values)):
+        for i, (group, sl) in enumerate(zip(self.sparsifier.groups, values, strict=False)):
             group["sparsity_level"] = sl
             self.print_sl(self.verbose, i, sl, epoch)
         self._last_sl = [group["sparsity_level"] for group in self.sparsifier.groups]

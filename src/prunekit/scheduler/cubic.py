@@ -45,7 +45,7 @@ class CubicSL(BaseScheduler):
         self.delta_t = self._make_sure_a_list(delta_t)
         self.total_t = self._make_sure_a_list(total_t)
         self.initially_zero = self._make_sure_a_list(initially_zero)
-        for i, (dt, n) in enumerate(zip(self.delta_t, self.total_t)):
+        for i, (dt, n) in enumerate(zip(self.delta_t, self.total_t, strict=False)):
             if not dt > 0 or not n > 0:
                 raise ConfigError(
                     f"CubicSL group {i}: delta_t and total_t must be positive, got "
@@ -69,7 +69,12 @@ class CubicSL(BaseScheduler):
         return [
             self.sparsity_compute_fn(s_0, s_f, self.last_epoch, t_0, dt, n, zero)
             for s_0, s_f, t_0, dt, n, zero in zip(
-                self.init_sl, self.base_sl, self.init_t, self.delta_t, self.total_t,
+                self.init_sl,
+                self.base_sl,
+                self.init_t,
+                self.delta_t,
+                self.total_t,
                 self.initially_zero,
+                strict=False,
             )
         ]

@@ -1,4 +1,4 @@
-"""``LambdaSL``: level = base level × a user function of the epoch, clamped to [0, 1]."""
+"""``LambdaSL``: level = base level times a user function of the epoch, clamped to [0, 1]."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ class LambdaSL(BaseScheduler):
         n = len(sparsifier.groups)
         lambdas = list(sl_lambda) if isinstance(sl_lambda, (list, tuple)) else [sl_lambda] * n
         if len(lambdas) != n:
-            raise ConfigError(f"LambdaSL: expected {n} sl_lambdas (one per group), got {len(lambdas)}")
+            raise ConfigError(
+                f"LambdaSL: expected {n} sl_lambdas (one per group), got {len(lambdas)}"
+            )
         for i, fn in enumerate(lambdas):
             if not callable(fn):
                 raise ConfigTypeError(f"LambdaSL: sl_lambda[{i}] must be callable, got {fn!r}")
@@ -48,5 +50,5 @@ class LambdaSL(BaseScheduler):
         self._warn_outside_step()
         return [
             min(1.0, max(0.0, base * fn(self.last_epoch)))
-            for fn, base in zip(self.sl_lambdas, self.base_sl)
+            for fn, base in zip(self.sl_lambdas, self.base_sl, strict=False)
         ]

@@ -53,7 +53,9 @@ def _as_bool_mask(mask: torch.Tensor, where: str) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise StateDictError(f"{where}: mask holds values other than 0 and 1; expected a binary mask")
+        raise StateDictError(
+            f"{where}: mask holds values other than 0 and 1; expected a binary mask"
+        )
     return mask != 0
 
 
@@ -80,9 +82,12 @@ class BaseSparsifier(abc.ABC):
 
     # -- pickling and printing ---------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"defaults": self.defaults, "state": self.state, "groups": self.groups}
+        """The reference's ``defaults``/``state``/``groups`` plus the other attributes
+        (``norm_fn``, ``model``, ...) so a copy can keep stepping."""
+        return dict(self.__dict__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.enable_mask_update = True  # absent from the reference's pickles
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
@@ -98,7 +103,7 @@ class BaseSparsifier(abc.ABC):
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         """Recompute the mask of ``module.<tensor_name>`` from the group's settings."""
 
-    def validate_group(self, group: dict[str, Any]) -> None:
+    def validate_group(self, group: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Raise a prunekit error if ``group`` cannot be stepped; called before any change."""
 
     # -- prepare -------------------------------------------------------------------------
@@ -123,7 +128,9 @@ class BaseSparsifier(abc.ABC):
         The whole config is checked first; on error nothing is changed.
         """
         if not isinstance(model, nn.Module):
-            raise ConfigTypeError(f"prepare: model must be an nn.Module, got {type(model).__name__}")
+            raise ConfigTypeError(
+                f"prepare: model must be an nn.Module, got {type(model).__name__}"
+            )
         previous_config = getattr(self, "config", None)
         if config is None:
             self.make_config_from_model(model)
@@ -183,9 +190,7 @@ class BaseSparsifier(abc.ABC):
         group.update(entry)
         group.update(info)
         mask = group.get("mask")
-        if mask is not None and (
-            not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape
-        ):
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ConfigError(
                 f"config[{i}]: mask for {info['tensor_fqn']!r} has shape {got}, expected "
@@ -259,10 +264,12 @@ class BaseSparsifier(abc.ABC):
         (``{module_fqn: keys}``) are copied to ``module.sparse_params``.
         """
         self._check_prepared("squash_mask")
-        kept = [self._params_to_keep(g, params_to_keep, params_to_keep_per_layer) for g in self.groups]
+        kept = [
+            self._params_to_keep(g, params_to_keep, params_to_keep_per_layer) for g in self.groups
+        ]
         self._check_per_layer_fqns(params_to_keep_per_layer)
         self._apply_masks()
-        for group, sparse_params in zip(self.groups, kept):
+        for group, sparse_params in zip(self.groups, kept, strict=False):
             module, name = group["module"], group["tensor_name"]
             plist = module.parametrizations[name]
             already_masked = len(plist) == 1 and _sparsity_of(module, name) is not None

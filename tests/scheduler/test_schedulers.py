@@ -136,7 +136,7 @@ def test_warns_when_scheduler_steps_before_sparsifier():
 
 def test_bad_scheduler_input():
     with pytest.raises(
-        ConfigTypeError, match="Linear is not an instance of prunekit.BaseSparsifier"
+        ConfigTypeError, match=r"Linear is not an instance of prunekit\.BaseSparsifier"
     ):
         CubicSL(torch.nn.Linear(2, 2))
     diag = prunekit.NearlyDiagonalSparsifier(3)

@@ -94,12 +94,11 @@ def _select(values: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
     NaN ranks above every number.
     """
     flat = values.reshape(-1)
-    if math.isnan(threshold):
-        chosen, ties = ~flat.isnan(), flat.isnan()
-    else:
-        chosen, ties = flat < threshold, flat == threshold
-    missing = k - int(chosen.sum())
+    nan = math.isnan(threshold)
+    chosen = ~flat.isnan() if nan else flat < threshold
+    missing = k - int(chosen.count_nonzero())
     if missing > 0:
+        ties = flat.isnan() if nan else flat == threshold
         chosen[ties.nonzero().squeeze(1)[-missing:]] = True
     return chosen.view(values.shape)
 
@@ -116,17 +115,23 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _pruned_blocks(
-    matrix: torch.Tensor, norm_fn: NormFn, block_shape: tuple[int, int], sparsity_level: float
+    matrix: torch.Tensor,
+    norm_fn: NormFn,
+    block_shape: tuple[int, int],
+    sparsity_level: float,
+    clamp_blocks: bool = True,
 ) -> torch.Tensor:
-    """Tensor level: which blocks are chosen for pruning (``round(sl * n_blocks)`` of them,
-    never all of them unless ``sparsity_level >= 1``)."""
-    means = block_means(matrix, norm_fn, block_shape)
-    n_blocks = means.numel()
-    if sparsity_level >= 1:
-        return torch.ones_like(means, dtype=torch.bool)
-    k = max(0, min(n_blocks - 1, round(sparsity_level * n_blocks)))
+    """Tensor level: which blocks are chosen for pruning (``round(sl * n_blocks)`` of them;
+    with ``clamp_blocks``, never all of them unless ``sparsity_level >= 1``)."""
+    grid = (-(-matrix.shape[0] // block_shape[0]), -(-matrix.shape[1] // block_shape[1]))
+    n_blocks = grid[0] * grid[1]
+    k = round(sparsity_level * n_blocks)
+    if sparsity_level >= 1 or (not clamp_blocks and k >= n_blocks):
+        return torch.ones(grid, dtype=torch.bool, device=matrix.device)
+    k = max(0, min(n_blocks - 1, k))
     if k == 0:
-        return torch.zeros_like(means, dtype=torch.bool)
+        return torch.zeros(grid, dtype=torch.bool, device=matrix.device)
+    means = block_means(matrix, norm_fn, block_shape)
     shares_weight = means.untyped_storage().data_ptr() == matrix.untyped_storage().data_ptr()
     if block_shape[0] * block_shape[1] == 1 and not shares_weight:
         # the scores are the weight's own size: reorder them in place, then score again
@@ -178,13 +183,17 @@ def weight_norm_mask(
     sparse_block_shape: tuple[int, int] = (1, 4),
     zeros_per_block: int | None = None,
     norm_fn: NormFn = square,
+    *,
+    clamp_blocks: bool = True,
 ) -> torch.Tensor:
     """Keep-mask of ``WeightNormSparsifier`` for ``weight`` (any rank, scored as a matrix).
 
     The ``round(sparsity_level * n_blocks)`` blocks of lowest mean score are chosen; in
     each chosen block the ``zeros_per_block`` lowest elements are dropped (all of them
     when it equals the block size). N:M sparsity is ``sparsity_level=1``,
-    ``sparse_block_shape=(1, M)``, ``zeros_per_block=M-N``.
+    ``sparse_block_shape=(1, M)``, ``zeros_per_block=M-N``. ``clamp_blocks=False`` lets
+    a level below 1 round up to every block (``DataNormSparsifier``); by default at
+    least one block survives, as in the reference's ``WeightNormSparsifier``.
 
     >>> m = weight_norm_mask(torch.randn(8, 8), 1.0, (1, 4), 2)
     >>> int(m.view(8, 2, 4).sum(-1).min())
@@ -199,7 +208,7 @@ def weight_norm_mask(
     if sparsity_level >= 1 and zeros == block_size:
         return torch.zeros_like(weight, dtype=torch.bool)
     matrix = as_matrix(weight.detach())
-    pruned = _pruned_blocks(matrix, norm_fn, (bh, bw), sparsity_level)
+    pruned = _pruned_blocks(matrix, norm_fn, (bh, bw), sparsity_level, clamp_blocks)
     if zeros == block_size:
         return ~_expand_blocks(pruned, (bh, bw), matrix.shape).reshape(weight.shape)
     keep = torch.empty(matrix.shape, dtype=torch.bool, device=weight.device)

@@ -98,6 +98,9 @@ class FakeSparsity(nn.Module):
             original.masked_fill_(~_shard_like(mask, original), 0)
             self._applied_key = None  # FSDP swaps in a gathered copy: no fast path
             return
+        key = (_tensor_key(original), _tensor_key(mask), id(original))
+        if key == self._applied_key:
+            return  # nothing changed since the last time
         original.masked_fill_(~mask, 0)
         self._applied_key = (_tensor_key(original), _tensor_key(mask), id(original))
 

@@ -1,0 +1,238 @@
+"""``to_sparse``: replace sparse Linear / pointwise Conv2d layers by sparse-layout modules."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
+
+from prunekit.deploy.auto import capture_inputs, choose, time_candidates
+from prunekit.deploy.layouts import LAYOUTS, Layout, check_float_weight
+from prunekit.deploy.modules import SparseConv1x1, SparseLinear, is_pointwise_conv
+from prunekit.deploy.report import DeployReport, LayerChoice
+from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+
+__all__ = ["to_sparse"]
+
+
+def _kind(module: nn.Module) -> type[SparseLinear] | None:
+    source = type_before_parametrizations(module)
+    if source is nn.Linear:
+        return SparseLinear
+    if source is nn.Conv2d and is_pointwise_conv(_unparametrized_view(module)):
+        return SparseConv1x1
+    return None
+
+
+def _unparametrized_view(module: nn.Module) -> nn.Module:
+    # is_pointwise_conv checks `type(m) is nn.Conv2d`; a parametrized conv has a
+    # generated subclass, but its conv attributes are the same.
+    view = copy.copy(module)
+    view.__class__ = type_before_parametrizations(module)
+    return view
+
+
+def _where(fqn: str, module: nn.Module) -> str:
+    weight = module.weight
+    return (
+        f"to_sparse: layer {fqn!r} ({type_before_parametrizations(module).__name__} "
+        f"{tuple(weight.shape)})"
+    )
+
+
+def _targets(model: nn.Module, modules: Iterable[str] | None) -> dict[str, nn.Module]:
+    """``{fqn: module}`` to deploy: the named ones (checked), or every supported layer."""
+    named = dict(model.named_modules())
+    if modules is None:
+        return {fqn: m for fqn, m in named.items() if fqn and _kind(m) is not None}
+    targets = {}
+    for fqn in modules:
+        if fqn not in named or not fqn:
+            raise FqnError(
+                f"to_sparse: modules names {fqn!r}, which is not a submodule of the model"
+            )
+        if _kind(named[fqn]) is None:
+            raise ConfigTypeError(
+                f"to_sparse: layer {fqn!r} is a "
+                f"{type_before_parametrizations(named[fqn]).__name__}; "
+                "expected nn.Linear or a pointwise nn.Conv2d (1x1 kernel, stride 1, no padding, "
+                "groups=1)"
+            )
+        targets[fqn] = named[fqn]
+    return targets
+
+
+def _blocksize(module: nn.Module, blocksize: tuple[int, int] | None) -> tuple[int, int] | None:
+    if blocksize is not None:
+        return tuple(blocksize)  # type: ignore[return-value]
+    kept = getattr(module, "sparse_params", None) or {}
+    block = kept.get("sparse_block_shape")
+    return tuple(block) if block is not None else None  # type: ignore[return-value]
+
+
+def _build(fqn: str, module: nn.Module, layout: Layout) -> nn.Module:
+    if layout.name == "dense":
+        return module
+    kind = cast(type[SparseLinear], _kind(module))  # _targets yields supported layers only
+    try:
+        return kind.from_dense(module, layout)
+    except RuntimeError as exc:  # a kernel refusing this shape/dtype/device
+        where = _where(fqn, module)
+        raise ConfigError(f"{where}: layout {layout.describe()!r} failed: {exc}") from exc
+
+
+def _weight_2d(module: nn.Module) -> torch.Tensor:
+    weight = module.weight.detach()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _choice(
+    fqn: str,
+    module: nn.Module,
+    layout: str,
+    reason: str,
+    times: dict[str, float] | None = None,
+    skipped: list[str] | None = None,
+) -> LayerChoice:
+    weight = _weight_2d(module)
+    sparsity = float((weight == 0).float().mean()) if weight.numel() else 0.0
+    return LayerChoice(
+        fqn=fqn,
+        module_type=type_before_parametrizations(module).__name__,
+        shape=(int(weight.shape[0]), int(weight.shape[1])),
+        sparsity=sparsity,
+        layout=layout,
+        reason=reason,
+        times_ms=times or {},
+        skipped=skipped or [],
+    )
+
+
+def _fixed(
+    targets: dict[str, nn.Module], name: str, blocksize: tuple[int, int] | None
+) -> tuple[dict[str, nn.Module], DeployReport]:
+    """Every target in layout ``name``; any misfit raises before anything is replaced."""
+    new, report = {}, DeployReport()
+    for fqn, module in targets.items():
+        weight = _weight_2d(module)
+        layout = LAYOUTS[name].fit(weight, _where(fqn, module), _blocksize(module, blocksize))
+        new[fqn] = _build(fqn, module, layout)
+        report.layers.append(_choice(fqn, module, layout.describe(), f"layout={name!r} requested"))
+    return new, report
+
+
+def _fitting_candidates(
+    fqn: str, module: nn.Module, blocksize: tuple[int, int] | None
+) -> tuple[dict[str, nn.Module], list[str]]:
+    candidates: dict[str, nn.Module] = {"dense": module}
+    skipped = []
+    for name, cls in LAYOUTS.items():
+        if name == "dense":
+            continue
+        try:
+            layout = cls.fit(_weight_2d(module), _where(fqn, module), _blocksize(module, blocksize))
+            candidates[layout.describe()] = _build(fqn, module, layout)
+        except ConfigError as exc:
+            skipped.append(f"{name}: {str(exc).split(': ', 2)[-1]}")
+    return candidates, skipped
+
+
+def _auto(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    example_inputs: Any,
+    blocksize: tuple[int, int] | None,
+    margin: float,
+) -> tuple[dict[str, nn.Module], DeployReport]:
+    inputs = capture_inputs(model, targets, example_inputs)
+    new, report = {}, DeployReport()
+    for fqn, module in targets.items():
+        if fqn not in inputs:
+            report.layers.append(_choice(fqn, module, "dense", "not called by example_inputs"))
+            continue
+        candidates, skipped = _fitting_candidates(fqn, module, blocksize)
+        times = time_candidates(candidates, inputs[fqn])
+        best, reason = choose(times, margin)
+        new[fqn] = candidates[best]
+        report.layers.append(_choice(fqn, module, best, reason, times, skipped))
+    return new, report
+
+
+def _replace(model: nn.Module, new: dict[str, nn.Module]) -> None:
+    for fqn, module in new.items():
+        parent_fqn, _, name = fqn.rpartition(".")
+        parent = model.get_submodule(parent_fqn) if parent_fqn else model
+        if getattr(parent, name) is not module:
+            setattr(parent, name, module)
+
+
+def _check_args(layout: str, example_inputs: Any, margin: float) -> None:
+    if layout != "auto" and layout not in LAYOUTS:
+        raise ConfigError(
+            f"to_sparse: layout={layout!r}; expected 'auto' or one of {sorted(LAYOUTS)}"
+        )
+    if layout == "auto" and example_inputs is None:
+        raise ConfigError(
+            "to_sparse: layout='auto' times every layout on the real input shapes and needs "
+            "example_inputs (a tensor, a tuple of args or a dict of kwargs); got None"
+        )
+    if not 0.0 <= margin < 1.0:
+        raise ConfigError(f"to_sparse: margin={margin!r}; expected 0 <= margin < 1")
+
+
+def _with_zeros(
+    targets: dict[str, nn.Module], explicit: bool
+) -> tuple[dict[str, nn.Module], DeployReport]:
+    """Drop layers whose weight has no zeros (nothing to skip) unless named explicitly."""
+    kept, report = {}, DeployReport()
+    for fqn, module in targets.items():
+        check_float_weight(module.weight, _where(fqn, module))
+        if explicit or bool((module.weight.detach() == 0).any()):
+            kept[fqn] = module
+        else:
+            report.layers.append(_choice(fqn, module, "dense", "no zeros in the weight"))
+    return kept, report
+
+
+def to_sparse(
+    model: nn.Module,
+    example_inputs: Any = None,
+    layout: str = "auto",
+    *,
+    modules: Iterable[str] | None = None,
+    blocksize: tuple[int, int] | None = None,
+    margin: float = 0.05,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace sparse ``nn.Linear`` and pointwise ``nn.Conv2d`` layers for faster inference.
+
+    ``layout`` is ``"auto"`` (time every fitting layout on the layer's input from
+    ``example_inputs``; keep a sparse one only if it beats dense by ``margin``) or a name in
+    ``LAYOUTS`` (``"dense"``, ``"csr"``, ``"bsr"``, ``"semi_structured"``). ``modules``
+    restricts the layers (fqns); otherwise every supported layer with zeros is considered.
+    BSR blocks come from ``blocksize``, else ``module.sparse_params["sparse_block_shape"]``,
+    else the zeros' own block structure. Returns the model (a copy unless ``inplace``) with
+    ``model.deploy_report`` saying what each layer got and why; on any error the model is
+    left unchanged.
+
+    >>> model = nn.Sequential(nn.Linear(64, 64))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(torch.rand(64, 64) > 0.9)
+    >>> fast = to_sparse(model, layout="csr")
+    >>> fast.deploy_report.chosen()
+    {'0': 'csr'}
+    """
+    _check_args(layout, example_inputs, margin)
+    work = model if inplace else copy.deepcopy(model)
+    targets, report = _with_zeros(_targets(work, modules), explicit=modules is not None)
+    if layout == "auto":
+        new, chosen = _auto(work, targets, example_inputs, blocksize, margin)
+    else:
+        new, chosen = _fixed(targets, layout, blocksize)
+    _replace(work, new)
+    work.deploy_report = DeployReport(report.layers + chosen.layers)
+    return work

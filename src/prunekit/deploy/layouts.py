@@ -1,0 +1,239 @@
+"""Weight layouts for sparse inference: one class per layout behind ``Layout``, plus a registry.
+
+A layout packs a zero-filled dense weight ``(out, in)`` into a torch tensor and multiplies
+it with activations. ``Layout.fit`` decides whether a weight suits the layout and raises a
+``ConfigError`` naming the layer when it does not, before anything is modified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prunekit.errors import ConfigError, ConfigTypeError
+
+__all__ = [
+    "LAYOUTS",
+    "BsrLayout",
+    "CsrLayout",
+    "DenseLayout",
+    "Layout",
+    "SemiStructuredLayout",
+    "infer_blocksize",
+    "register_layout",
+]
+
+# Block shapes tried when a weight carries no ``sparse_params["sparse_block_shape"]``,
+# largest first so the coarsest fitting block (fewest indices) wins.
+_BLOCK_CANDIDATES: tuple[tuple[int, int], ...] = (
+    (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 16), (16, 1), (1, 8), (8, 1), (1, 4), (4, 1),
+)  # fmt: skip
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def _quiet_beta() -> Iterator[None]:
+    """Silence torch's "sparse CSR support is in beta" notice: choosing the layout is ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
+
+
+def check_float_weight(weight: torch.Tensor, where: str) -> None:
+    """Sparse kernels multiply floating-point weights only (quantize *after* deploying)."""
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ConfigTypeError(
+            f"{where}: weight dtype is {weight.dtype}; expected one of "
+            f"{[str(d) for d in _FLOAT_DTYPES]} (deploy a float model, then quantize)"
+        )
+
+
+class Layout(ABC):
+    """How a 2-D weight is stored and multiplied. Subclasses set ``name`` and register."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
+        """A layout instance for ``weight``, or a ``ConfigError`` saying why it does not fit."""
+
+    @abstractmethod
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored form of the zero-filled dense ``weight``."""
+
+    @abstractmethod
+    def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        """``x2d @ W.T + bias`` for a 2-D input ``(tokens, in)``."""
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """The dense weight back (for state_dict interop and reports)."""
+        return packed.to_dense()
+
+    def describe(self) -> str:
+        return self.name
+
+
+LAYOUTS: dict[str, type[Layout]] = {}
+
+
+def register_layout(cls: type[Layout]) -> type[Layout]:
+    """Class decorator: make ``cls`` selectable as ``to_sparse(..., layout=cls.name)``."""
+    LAYOUTS[cls.name] = cls
+    return cls
+
+
+def _compressed_linear(
+    x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    # sparse @ dense wants the sparse operand first: y.T = W @ x.T (+ bias as a column).
+    if bias is None:
+        return torch.mm(packed, x2d.T).T
+    return torch.addmm(bias.unsqueeze(1), packed, x2d.T).T
+
+
+@register_layout
+class DenseLayout(Layout):
+    """Leave the layer as it is: the baseline every other layout must beat."""
+
+    name = "dense"
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
+        return cls()
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x2d, packed, bias)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed
+
+
+@register_layout
+class CsrLayout(Layout):
+    """Compressed sparse rows: one index per nonzero; suits unstructured sparsity."""
+
+    name = "csr"
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
+        check_float_weight(weight, where)
+        return cls()
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        with _quiet_beta():
+            return weight.detach().contiguous().to_sparse_csr()
+
+    def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        return _compressed_linear(x2d, packed, bias)
+
+
+def _stored_fraction(nonzero: torch.Tensor, block: tuple[int, int]) -> float:
+    """Fraction of the weight a BSR layout with ``block`` stores (blocks with any nonzero)."""
+    rows, cols = nonzero.shape
+    blocks = nonzero.reshape(rows // block[0], block[0], cols // block[1], block[1])
+    return blocks.any(dim=3).any(dim=1).float().mean().item()
+
+
+def infer_blocksize(weight: torch.Tensor) -> tuple[int, int] | None:
+    """The coarsest block shape whose all-zero blocks hold (nearly) all of the zeros.
+
+    A block fits when storing every block that has a nonzero costs at most 2% of the
+    weight beyond its true density; ``None`` for unstructured (or dense) weights.
+    """
+    nonzero = weight.detach() != 0
+    density = nonzero.float().mean().item()
+    if density >= 1.0:
+        return None
+    rows, cols = nonzero.shape
+    for block in _BLOCK_CANDIDATES:
+        if rows % block[0] or cols % block[1]:
+            continue
+        if _stored_fraction(nonzero, block) <= density + 0.02:
+            return block
+    return None
+
+
+@register_layout
+class BsrLayout(Layout):
+    """Block sparse rows with the mask's own block shape: one index per block."""
+
+    name = "bsr"
+
+    def __init__(self, blocksize: tuple[int, int]) -> None:
+        self.blocksize = blocksize
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
+        check_float_weight(weight, where)
+        block = blocksize if blocksize is not None else infer_blocksize(weight)
+        if block is None:
+            raise ConfigError(
+                f"{where}: layout 'bsr' found no block structure in the zeros of the weight "
+                f"{tuple(weight.shape)}; pass blocksize=(rows, cols) or use layout='csr'"
+            )
+        rows, cols = weight.shape
+        if len(block) != 2 or min(block) < 1 or rows % block[0] or cols % block[1]:
+            raise ConfigError(
+                f"{where}: BSR block {tuple(block)} does not divide the weight shape "
+                f"{(rows, cols)}; expected a block (r, c) with {rows} % r == 0 and {cols} % c == 0"
+            )
+        return cls((int(block[0]), int(block[1])))
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        with _quiet_beta():
+            return weight.detach().contiguous().to_sparse_bsr(self.blocksize)
+
+    def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        return _compressed_linear(x2d, packed, bias)
+
+    def describe(self) -> str:
+        return f"bsr{self.blocksize[0]}x{self.blocksize[1]}"
+
+
+def is_two_four(weight: torch.Tensor) -> bool:
+    """At most 2 nonzeros in every run of 4 along each row (the 2:4 pattern)."""
+    rows, cols = weight.shape
+    if cols % 4:
+        return False
+    return bool(((weight.detach() != 0).reshape(rows, cols // 4, 4).sum(-1) <= 2).all())
+
+
+@register_layout
+class SemiStructuredLayout(Layout):
+    """2:4 semi-structured sparsity on CUDA tensor cores (``to_sparse_semi_structured``)."""
+
+    name = "semi_structured"
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
+        check_float_weight(weight, where)
+        if weight.device.type != "cuda":
+            raise ConfigError(
+                f"{where}: layout 'semi_structured' needs a CUDA weight; got device "
+                f"{weight.device} (move the model to CUDA, or use 'csr'/'bsr' on the CPU)"
+            )
+        if not is_two_four(weight):
+            raise ConfigError(
+                f"{where}: layout 'semi_structured' needs a 2:4 weight (at most 2 nonzeros in "
+                f"every 4 along a row, width % 4 == 0); weight {tuple(weight.shape)} is not"
+            )
+        return cls()
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        from torch.sparse import to_sparse_semi_structured
+
+        return to_sparse_semi_structured(weight.detach().contiguous())
+
+    def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x2d, packed, bias)

@@ -1,0 +1,123 @@
+"""Inference modules that multiply with a packed (sparse) weight.
+
+The packed weight is a buffer named ``weight`` and the bias a buffer named ``bias``, so
+state_dict keys match ``nn.Linear``/``nn.Conv2d``. Loading accepts either the packed form
+(any number of nonzeros) or a dense weight, which is re-packed: a dense checkpoint loads
+into a deployed model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.deploy.layouts import Layout
+from prunekit.errors import ConfigError
+
+__all__ = ["SparseConv1x1", "SparseLinear", "is_pointwise_conv"]
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    """A Conv2d that is a Linear over channels: 1x1 kernel, stride 1, no padding, one group."""
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+        and module.padding in ((0, 0), "valid")
+    )
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` for inference with its weight stored in ``layout`` (no autograd).
+
+    >>> lin = nn.Linear(8, 4)
+    >>> with torch.no_grad():
+    ...     _ = lin.weight.mul_(torch.rand(4, 8) > 0.8)
+    >>> from prunekit.deploy.layouts import CsrLayout
+    >>> sparse = SparseLinear.from_dense(lin, CsrLayout())
+    >>> x = torch.randn(2, 8)
+    >>> torch.allclose(sparse(x), lin(x), atol=1e-6)
+    True
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.layout = layout
+        self.register_buffer("weight", layout.pack(weight))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, layout: Layout) -> SparseLinear:
+        """Pack the zero-filled weight of ``module`` (a Linear, or a 1x1 Conv2d)."""
+        weight = module.weight.detach()
+        return cls(weight.reshape(weight.shape[0], -1), module.bias, layout)
+
+    def extra_repr(self) -> str:
+        nnz = int((self.dense_weight() != 0).sum())
+        density = nnz / max(1, self.in_features * self.out_features)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"layout={self.layout.describe()}, density={density:.3f}, bias={self.bias is not None}"
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """The zero-filled dense weight (a copy for sparse layouts)."""
+        return self.layout.unpack(self.weight)
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return self.layout.linear(x2d, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # copy_ between compressed tensors needs equal nnz; install the incoming
+        # weight (re-packed if dense) first so the default copy is a no-op check.
+        key = prefix + "weight"
+        incoming = state_dict.get(key)
+        if isinstance(incoming, torch.Tensor):
+            packed = self._repack(incoming, key)
+            self._buffers["weight"] = packed
+            state_dict = {**state_dict, key: packed}  # the caller's dict stays as it was
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _repack(self, incoming: torch.Tensor, key: str) -> torch.Tensor:
+        current = self.weight
+        if incoming.layout == torch.strided:
+            expected = (self.out_features, self.in_features)
+            if incoming.numel() != expected[0] * expected[1]:
+                raise ConfigError(
+                    f"load_state_dict: {key!r} has shape {tuple(incoming.shape)}; expected "
+                    f"{expected} (or a packed {self.layout.describe()} weight)"
+                )
+            dense = incoming.reshape(expected).to(current.device, current.dtype)
+            return self.layout.pack(dense)
+        if incoming.layout != current.layout or incoming.shape != current.shape:
+            raise ConfigError(
+                f"load_state_dict: {key!r} is a {incoming.layout} tensor of shape "
+                f"{tuple(incoming.shape)}; expected {current.layout} of shape "
+                f"{tuple(current.shape)}"
+            )
+        return incoming.to(current.device, current.dtype).clone()
+
+
+class SparseConv1x1(SparseLinear):
+    """A pointwise ``nn.Conv2d`` (1x1, stride 1, no padding, one group) as a sparse matmul
+    over channels: ``y[n, :, h, w] = W @ x[n, :, h, w] + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        # (C, N*H*W): channels first so the sparse weight multiplies from the left.
+        cols = x.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
+        y = self._matmul(cols.T)  # (N*H*W, out)
+        return y.T.reshape(self.out_features, n, h, w).transpose(0, 1)

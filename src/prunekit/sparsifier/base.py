@@ -29,6 +29,15 @@ from prunekit.errors import (
 )
 from prunekit.fqn import module_to_fqn, resolve_tensor_fqn
 from prunekit.parametrization import FakeSparsity, module_contains_param
+from prunekit.sparsifier._tensors import (
+    check_materialized,
+    check_no_sharded_params,
+    check_not_ddp_wrapped,
+    check_not_sharded,
+    check_not_tied,
+    check_squashable,
+    tied_to,
+)
 from prunekit.swap import swap_module
 
 __all__ = ["BaseSparsifier"]
@@ -132,32 +141,46 @@ class BaseSparsifier(abc.ABC):
                 f"prepare: model must be an nn.Module, got {type(model).__name__}"
             )
         previous_config = getattr(self, "config", None)
-        if config is None:
+        check_not_ddp_wrapped("prepare", model)
+        auto = config is None
+        if auto:
+            check_no_sharded_params("prepare", model)
             self.make_config_from_model(model)
             config = self.config
             self.config = previous_config
-        new_groups = self._groups_from_config(model, config)
+        new_groups = self._groups_from_config(model, config, auto)
         self.model = model
         self.config = config
         self.groups.extend(new_groups)
         self._prepare()
 
-    def _groups_from_config(self, model: nn.Module, config: Any) -> list[dict[str, Any]]:
+    def _groups_from_config(
+        self, model: nn.Module, config: Any, auto: bool = False
+    ) -> list[dict[str, Any]]:
+        """Groups for ``config``; a tied tensor listed twice is kept once when the config
+        was built from the model (``auto``) and refused when the user wrote it."""
         if not isinstance(config, (list, tuple)):
             raise ConfigTypeError(
                 f"config must be a list of dicts like [{{'tensor_fqn': 'linear.weight'}}], "
                 f"got {type(config).__name__}"
             )
         groups, seen = [], {g["tensor_fqn"] for g in self.groups}
+        tensors = {
+            id(self._original(g["module"], g["tensor_name"])): g["tensor_fqn"] for g in self.groups
+        }
         for i, entry in enumerate(config):
             group = self._group_from_entry(model, i, entry)
             fqn = group["tensor_fqn"]
+            tensor = self._original(group["module"], group["tensor_name"])
             if fqn in seen or _sparsity_of(group["module"], group["tensor_name"]) is not None:
                 raise ConfigError(
                     f"config[{i}]: tensor {fqn!r} is already prepared; each tensor takes one "
                     "mask (squash_mask() first, or remove the duplicate entry)"
                 )
             seen.add(fqn)
+            if auto and id(tensor) in tensors:
+                continue
+            check_not_tied(i, fqn, tensor, tensors)
             self.validate_group(group)
             groups.append(group)
         return groups
@@ -186,6 +209,9 @@ class BaseSparsifier(abc.ABC):
                 f"config[{i}]: {info['tensor_fqn']!r} is a {type(tensor).__name__}, not an "
                 "nn.Parameter; only parameters can be sparsified"
             )
+        check_not_sharded(
+            f"config[{i}]", info["tensor_fqn"], info["module"], info["tensor_name"], tensor
+        )
         group = copy.deepcopy(self.defaults)
         group.update(entry)
         group.update(info)
@@ -216,8 +242,9 @@ class BaseSparsifier(abc.ABC):
             if mask is None:
                 mask = torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
             self.state[fqn]["mask"] = mask
-            parametrization = group.get("parametrization", FakeSparsity)
-            parametrize.register_parametrization(module, name, parametrization(mask))
+            sparsity = group.get("parametrization", FakeSparsity)(mask)
+            for holder, holder_name in [(module, name), *tied_to(self.model, tensor, module)]:
+                parametrize.register_parametrization(holder, holder_name, sparsity)
         self._apply_masks()
 
     # -- step --------------------------------------------------------------------------
@@ -242,6 +269,7 @@ class BaseSparsifier(abc.ABC):
         if not self.enable_mask_update:
             return
         self._check_prepared("step")
+        check_materialized("step", self.groups, self._original)
         for group in self.groups:
             self.validate_group(group)
         self._apply_masks()  # the score sees the current masked weight, as in the reference
@@ -264,6 +292,7 @@ class BaseSparsifier(abc.ABC):
         (``{module_fqn: keys}``) are copied to ``module.sparse_params``.
         """
         self._check_prepared("squash_mask")
+        check_squashable(self.groups, self._original)
         kept = [
             self._params_to_keep(g, params_to_keep, params_to_keep_per_layer) for g in self.groups
         ]
@@ -274,7 +303,11 @@ class BaseSparsifier(abc.ABC):
             plist = module.parametrizations[name]
             already_masked = len(plist) == 1 and _sparsity_of(module, name) is not None
             already_masked = already_masked and plist[0].mask.dtype == torch.bool
-            parametrize.remove_parametrizations(module, name, leave_parametrized=not already_masked)
+            tied = list(tied_to(self.model, plist.original, module))
+            for holder, holder_name in [(module, name), *tied]:
+                parametrize.remove_parametrizations(
+                    holder, holder_name, leave_parametrized=not already_masked
+                )
             if sparse_params:
                 module.sparse_params = sparse_params
 
@@ -367,7 +400,7 @@ class BaseSparsifier(abc.ABC):
         for fqn, entry in state_dict["state"].items():
             state[fqn] = {k: copy.deepcopy(v) for k, v in entry.items() if k != "mask"}
         for fqn, (module, name, mask) in masks.items():
-            state[fqn]["mask"] = self._install_mask(module, name, mask)
+            state[fqn]["mask"] = self._install_mask(model, module, name, mask)
         self.state, self.groups = state, groups
         self._apply_masks()
 
@@ -384,6 +417,7 @@ class BaseSparsifier(abc.ABC):
             if mask is None:
                 continue
             tensor = self._original(info["module"], info["tensor_name"])
+            check_not_sharded("load_state_dict", fqn, info["module"], info["tensor_name"], tensor)
             if not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape:
                 got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
                 raise StateDictError(
@@ -412,12 +446,17 @@ class BaseSparsifier(abc.ABC):
         return loaded
 
     @staticmethod
-    def _install_mask(module: nn.Module, name: str, mask: torch.Tensor) -> torch.Tensor:
-        """Copy ``mask`` into the tensor's FakeSparsity (registering one if needed)."""
+    def _install_mask(
+        model: nn.Module, module: nn.Module, name: str, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Copy ``mask`` into the tensor's FakeSparsity (registering one, on the tensor and
+        every module tied to it, if needed)."""
         sparsity = _sparsity_of(module, name)
         if sparsity is None:
             sparsity = FakeSparsity(mask.clone())
-            parametrize.register_parametrization(module, name, sparsity)
+            tensor = getattr(module, name)
+            for holder, holder_name in [(module, name), *tied_to(model, tensor, module)]:
+                parametrize.register_parametrization(holder, holder_name, sparsity)
         elif sparsity.mask.dtype == mask.dtype:
             sparsity.mask.copy_(mask)
         else:

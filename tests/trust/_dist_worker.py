@@ -1,0 +1,128 @@
+"""The body of every rank in the distributed trust tests (spawned by test_distributed.py).
+
+Each rank runs the shared gradual-pruning loop on its half of every batch, wrapped in
+DDP (prepared before wrapping; preparing after is refused) and in FSDP2 (prepared
+before fully_shard), then writes what the test compares to ``<outdir>/rank<r>.pt``
+(tensors, str and bool only, so it loads with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import prunekit
+from prunekit.parametrization import is_dtensor
+from tests.trust._helpers import (
+    BATCH,
+    CONFIG,
+    assert_same_model,
+    batches,
+    make_scheduler,
+    make_sparsifier,
+    masks_of,
+    model_snapshot,
+    tiny_model,
+    train,
+)
+
+
+def _rows(rank: int, world: int) -> slice:
+    per_rank = BATCH // world
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def _ddp_run(rank: int, world: int) -> dict[str, Any]:
+    model = tiny_model()
+    sparsifier = make_sparsifier(model)  # before wrapping: see _ddp_refusal
+    wrapped = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    train(wrapped, optimizer, sparsifier, make_scheduler(sparsifier), batches(), _rows(rank, world))
+    result = {
+        "masks": masks_of(sparsifier),
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+    sparsifier.squash_mask()
+    result["squashed"] = {k: v.clone() for k, v in model.state_dict().items()}
+    result["refused"] = _ddp_refusal()
+    return result
+
+
+def _ddp_refusal() -> str:
+    """Preparing an already wrapped model is refused (DDP would lose its grad hooks)."""
+    wrapped = DistributedDataParallel(tiny_model())
+    before = model_snapshot(wrapped)
+    try:
+        make_sparsifier(wrapped, prefix="module.")
+    except prunekit.UnsupportedError as err:
+        assert_same_model(before, wrapped)
+        return str(err)
+    return "not refused"
+
+
+def _shard(model: nn.Module) -> None:
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+
+
+def _refusals(model: nn.Module, sparsifier: prunekit.BaseSparsifier) -> dict[str, str]:
+    """The calls FSDP2 cannot take, each refused with the model left unchanged."""
+    messages = {}
+    before = model_snapshot(model)
+    try:
+        sparsifier.squash_mask()
+    except prunekit.UnsupportedError as err:
+        messages["squash"] = str(err)
+    assert_same_model(before, model)
+    late = tiny_model()
+    _shard(late)
+    late_before = model_snapshot(late)
+    for key, config in (("prepare_config", CONFIG), ("prepare_none", None)):
+        try:
+            prunekit.WeightNormSparsifier().prepare(late, config)
+        except prunekit.UnsupportedError as err:
+            messages[key] = str(err)
+        assert_same_model(late_before, late)
+    return messages
+
+
+def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
+    model = tiny_model()
+    sparsifier = make_sparsifier(model)
+    _shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, optimizer, sparsifier, make_scheduler(sparsifier), batches(), _rows(rank, world))
+    sharded = model.state_dict()
+    return {
+        "masks": masks_of(sparsifier),
+        "weights": {k: v.full_tensor() for k, v in sharded.items()},
+        "local_rows": {k: torch.tensor(v.to_local().shape[0]) for k, v in sharded.items()},
+        "is_dtensor": {k: is_dtensor(v) for k, v in sharded.items()},
+        "sparsifier_state": sparsifier.state_dict(),
+        "refused": _refusals(model, sparsifier),
+    }
+
+
+def worker(rank: int, world: int, port: int, outdir: str) -> None:
+    """Entry point of ``torch.multiprocessing.spawn``: all scenarios, one process group."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        result = {
+            "ddp": _ddp_run(rank, world),
+            "fsdp2": _fsdp_run(rank, world),
+        }
+        torch.save(result, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

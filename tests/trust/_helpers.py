@@ -1,0 +1,121 @@
+"""Shared pieces of the trust tests: a tiny model, fixed data, one gradual-pruning loop
+(WeightNormSparsifier + CubicSL) that every distributed, resumed and single-process run
+goes through, so their results can be compared bit for bit."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import prunekit
+
+STEPS = 6
+BATCH = 8
+CONFIG = [{"tensor_fqn": "0.weight"}, {"tensor_fqn": "2.weight", "sparsity_level": 0.6}]
+
+
+def tiny_model(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """8 -> 6 -> 4 MLP; 6 output rows shard unevenly (3/3) and 4 evenly (2/2) on 2 ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).to(dtype)
+
+
+def batches(
+    steps: int = STEPS, dtype: torch.dtype = torch.float64
+) -> list[tuple[torch.Tensor, ...]]:
+    """The global batches of every step (each rank takes its slice of the rows)."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(BATCH, 8, generator=g, dtype=dtype),
+            torch.randn(BATCH, 4, generator=g, dtype=dtype),
+        )
+        for _ in range(steps)
+    ]
+
+
+def make_sparsifier(model: nn.Module, prefix: str = "") -> prunekit.WeightNormSparsifier:
+    """The sparsifier prepared on ``model`` (its tensor fqns under ``prefix``)."""
+    sparsifier = prunekit.WeightNormSparsifier(sparsity_level=0.8, sparse_block_shape=(1, 2))
+    config = [{**entry, "tensor_fqn": prefix + entry["tensor_fqn"]} for entry in CONFIG]
+    sparsifier.prepare(model, config)
+    return sparsifier
+
+
+def make_scheduler(sparsifier: prunekit.BaseSparsifier) -> prunekit.CubicSL:
+    return prunekit.CubicSL(sparsifier, init_sl=0.0, init_t=0, delta_t=1, total_t=4)
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sparsifier: Any,
+    scheduler: Any,
+    data: list[tuple[torch.Tensor, ...]],
+    rows: slice = slice(None),
+) -> None:
+    """One optimizer, sparsifier and scheduler step per batch, on ``rows`` of each batch."""
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+        loss.backward()
+        optimizer.step()
+        sparsifier.step()
+        scheduler.step()
+
+
+def masks_of(sparsifier: Any) -> dict[str, torch.Tensor]:
+    """Copies of the sparsifier's masks, keyed by tensor fqn without any wrapper prefix."""
+    return {fqn.removeprefix("module."): s["mask"].clone() for fqn, s in sparsifier.state.items()}
+
+
+def single_process_run(steps: int = STEPS) -> dict[str, Any]:
+    """The reference result: the whole schedule in this process on the full batches."""
+    model = tiny_model()
+    sparsifier = make_sparsifier(model)
+    scheduler = make_scheduler(sparsifier)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, optimizer, sparsifier, scheduler, batches(steps))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    masks = masks_of(sparsifier)
+    sparsifier.squash_mask()
+    squashed = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"masks": masks, "weights": weights, "squashed": squashed}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_snapshot(model: nn.Module) -> dict[str, Any]:
+    """Values (NaN-aware), dtypes, identities and parametrizations of a model."""
+    tensors = {
+        name: (t.detach().clone(), t.dtype, id(t))
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    plists = {
+        (name, t): [type(p).__name__ for p in m.parametrizations[t]]
+        for name, m in model.named_modules()
+        if parametrize.is_parametrized(m)
+        for t in m.parametrizations
+    }
+    types = {name: type(m).__name__ for name, m in model.named_modules()}
+    return {"tensors": tensors, "plists": plists, "types": types}
+
+
+def assert_same_model(before: dict[str, Any], model: nn.Module) -> None:
+    after = model_snapshot(model)
+    assert before["types"] == after["types"]
+    assert before["plists"] == after["plists"]
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for name, (value, dtype, ident) in before["tensors"].items():
+        new_value, new_dtype, new_ident = after["tensors"][name]
+        assert (new_dtype, new_ident) == (dtype, ident), name
+        assert torch.equal(value.isnan(), new_value.isnan()), name
+        assert torch.equal(value.nan_to_num(), new_value.nan_to_num()), name

@@ -1,0 +1,78 @@
+"""Capture a model as an fx graph whose prunable layers stay whole, plus the shape of
+every value for the given example inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from prunekit.errors import ConfigError
+from prunekit.structured.engine.layers import layer_pruner
+
+__all__ = ["CaptureError", "capture"]
+
+
+class CaptureError(ConfigError):
+    """The model could not be captured, or the example inputs do not run through it."""
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx tracer that never looks inside a layer prunekit knows how to prune."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return layer_pruner(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and keeps the shape of every value; names the failing node."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            where = f"module {n.target!r}" if n.op == "call_module" else f"node {n.name!r}"
+            raise CaptureError(
+                f"example_inputs do not run through the model: {where} ({n.format_node()}) "
+                f"raised {type(exc).__name__}: {exc}. Pass inputs of the shape the model "
+                "expects."
+            ) from exc
+        self.shapes[n] = _shape_of(result)
+        return result
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+def capture(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph, dict[fx.Node, Any]]:
+    """Trace ``model`` with torch.fx and record shapes; the model is left unchanged
+    (eval mode and no_grad while running, so BatchNorm statistics are untouched)."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
+            "Data-dependent Python control flow cannot be captured; move it into a "
+            "submodule of a registered layer type or make it depend on shapes only."
+        ) from exc
+    gm = fx.GraphModule(model, graph)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        recorder = _ShapeRecorder(gm)
+        with torch.no_grad():
+            recorder.run(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return graph, recorder.shapes

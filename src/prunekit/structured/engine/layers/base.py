@@ -1,0 +1,65 @@
+"""One small class per prunable layer type, behind an abstract base and a registry.
+
+A ``LayerPruner`` knows three things about its layer type: how channels flow through it
+(``trace``: which parameter dims are coupled to which channel ids), how to fix the
+module's attributes once its tensors were sliced (``resize``), and its MACs.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from torch import fx, nn
+
+from prunekit.structured.engine.channels.context import Propagation
+
+__all__ = ["LayerPruner", "ShapeOf", "layer_pruner", "register_layer", "registered_types"]
+
+ShapeOf = Callable[[str], tuple[int, ...]]
+
+_REGISTRY: dict[type[nn.Module], LayerPruner] = {}
+
+
+class LayerPruner(ABC):
+    """Channel semantics of one layer type (e.g. ``nn.Conv2d``)."""
+
+    types: ClassVar[tuple[type[nn.Module], ...]] = ()
+
+    @abstractmethod
+    def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
+        """Register the module's members with ``ctx`` and return its output's state."""
+
+    @abstractmethod
+    def resize(self, module: nn.Module) -> None:
+        """Update size attributes (``out_channels``...) after the tensors were sliced.
+        Attributes still hold their old values when this is called."""
+
+    def macs(self, module: nn.Module, out_shape: Any, shape_of: ShapeOf) -> int:
+        """Multiply-accumulates of one call, given the (possibly pruned) tensor shapes."""
+        return 0
+
+
+def register_layer(cls: type[LayerPruner]) -> type[LayerPruner]:
+    """Class decorator: make ``cls`` the pruner of every type in ``cls.types``."""
+    instance = cls()
+    for t in cls.types:
+        _REGISTRY[t] = instance
+    return cls
+
+
+def layer_pruner(module: nn.Module) -> LayerPruner | None:
+    for t in type(module).__mro__:
+        if t in _REGISTRY:
+            return _REGISTRY[t]
+    return None
+
+
+def registered_types() -> tuple[type[nn.Module], ...]:
+    return tuple(_REGISTRY)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

@@ -1,0 +1,54 @@
+"""Linear and Embedding: channels live in the last dimension."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx, nn
+
+from prunekit.structured.engine.channels.context import Propagation
+from prunekit.structured.engine.channels.state import Tracked
+from prunekit.structured.engine.layers.base import LayerPruner, ShapeOf, numel, register_layer
+
+__all__ = ["EmbeddingPruner", "LinearPruner"]
+
+
+@register_layer
+class LinearPruner(LayerPruner):
+    """Rows of ``weight`` are output channels, columns read the input's last dim."""
+
+    types = (nn.Linear,)
+
+    def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
+        assert isinstance(module, nn.Linear)
+        in_ids = ctx.input_ids(node.args[0], -1, module.in_features)
+        out_ids = ctx.fresh(module.out_features)
+        ctx.add_member(fqn, "weight", 0, out_ids)
+        ctx.add_member(fqn, "weight", 1, in_ids)
+        if module.bias is not None:
+            ctx.add_member(fqn, "bias", 0, out_ids)
+        return Tracked(len(ctx.shape(node)) - 1, out_ids)
+
+    def resize(self, module: nn.Module) -> None:
+        assert isinstance(module, nn.Linear)
+        module.out_features, module.in_features = module.weight.shape
+
+    def macs(self, module: nn.Module, out_shape: Any, shape_of: ShapeOf) -> int:
+        return numel(out_shape[:-1]) * numel(shape_of("weight"))
+
+
+@register_layer
+class EmbeddingPruner(LayerPruner):
+    """The embedding dimension is a new channel space; the vocabulary is never pruned."""
+
+    types = (nn.Embedding,)
+
+    def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
+        assert isinstance(module, nn.Embedding)
+        out_ids = ctx.fresh(module.embedding_dim)
+        ctx.add_member(fqn, "weight", 1, out_ids)
+        return Tracked(len(ctx.shape(node)) - 1, out_ids)
+
+    def resize(self, module: nn.Module) -> None:
+        assert isinstance(module, nn.Embedding)
+        module.embedding_dim = module.weight.shape[1]

@@ -18,10 +18,18 @@ from prunekit.mappings import (
     get_dynamic_sparse_quantized_mapping,
     get_static_sparse_quantized_mapping,
 )
+from prunekit.oneshot import oneshot
 from prunekit.parametrization import FakeSparsity, module_contains_param
 from prunekit.scheduler import BaseScheduler, CubicSL, LambdaSL
-from prunekit.sparsifier import BaseSparsifier, NearlyDiagonalSparsifier, WeightNormSparsifier
+from prunekit.sparsifier import (
+    BaseSparsifier,
+    NearlyDiagonalSparsifier,
+    SparseGPTSparsifier,
+    WandaSparsifier,
+    WeightNormSparsifier,
+)
 from prunekit.swap import swap_module
+from prunekit.tool.checkpoint import load, save
 
 __version__ = "0.1.0"
 
@@ -36,15 +44,20 @@ __all__ = [
     "LambdaSL",
     "NearlyDiagonalSparsifier",
     "PruneKitError",
+    "SparseGPTSparsifier",
     "StateDictError",
     "StateError",
     "UnsupportedError",
+    "WandaSparsifier",
     "WeightNormSparsifier",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",
     "get_dynamic_sparse_quantized_mapping",
     "get_static_sparse_quantized_mapping",
+    "load",
     "module_contains_param",
     "module_to_fqn",
+    "oneshot",
+    "save",
     "swap_module",
 ]

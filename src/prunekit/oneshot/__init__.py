@@ -1,0 +1,13 @@
+"""One-shot pruning of pretrained models from calibration data.
+
+``prunekit.oneshot(model, batches, method=...)`` is the one-call entry point (the name
+``prunekit.oneshot`` is that function; import the helpers of this package with
+``from prunekit.oneshot.<module> import ...``). ``blocks`` finds the stack of blocks
+to prune one after another, ``engine`` runs them, ``data`` loads the real model and
+text used by the benchmark and the slow tests.
+"""
+
+from prunekit.oneshot.api import METHODS, oneshot
+from prunekit.oneshot.blocks import find_decoder_stack
+
+__all__ = ["METHODS", "find_decoder_stack", "oneshot"]

@@ -1,0 +1,186 @@
+"""``oneshot``: prune a pretrained model in one call from a few calibration batches."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+from prunekit.fqn import fqn_to_module
+from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
+from prunekit.oneshot.engine import capture_inputs, inference_context, run_sequential
+from prunekit.sparsifier._checks import check_level
+from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
+from prunekit.sparsifier.sparsegpt import SparseGPTSparsifier
+from prunekit.sparsifier.wanda import WandaSparsifier
+from prunekit.sparsifier.weight_norm import WeightNormSparsifier
+
+__all__ = ["METHODS", "oneshot"]
+
+METHODS = ("magnitude", "sparsegpt", "wanda")
+Target = tuple[float, tuple[int, int] | None]
+
+
+def _target(where: str, sparsity: Any, pattern: Pattern) -> Target:
+    """``(level, nm)``: a pattern fixes the level at 1 - N/M; ``sparsity`` may repeat it."""
+    nm = parse_pattern(where, pattern)
+    if sparsity is None:
+        return (0.5 if nm is None else 1 - nm[0] / nm[1]), nm
+    level = check_level(where, "sparsity", sparsity)
+    if nm is not None and abs(level - (1 - nm[0] / nm[1])) > 1e-9:
+        raise ConfigError(
+            f"{where}: pattern {nm[0]}:{nm[1]} means sparsity {1 - nm[0] / nm[1]}, got "
+            f"sparsity={sparsity}; pass sparsity=None with a pattern"
+        )
+    return level, nm
+
+
+def _entries(
+    model: nn.Module, layers: list[str], target: Target, overrides: Mapping[str, Any] | None
+) -> dict[str, Target]:
+    """``{layer: (level, nm)}`` with the overrides applied and every N:M width checked."""
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigTypeError(f"overrides must map layer fqns to a sparsity or 'N:M', got "
+                              f"{type(overrides).__name__}")
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(layers))
+    if unknown:
+        raise FqnError(f"overrides: {unknown} are not pruned layers; expected some of "
+                       f"{layers[:6]}{'...' if len(layers) > 6 else ''}")
+    entries = {}
+    for layer in layers:
+        value = overrides.get(layer)
+        where = f"overrides[{layer!r}]"
+        if value is None:
+            entries[layer] = target
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            entries[layer] = _target(where, value, None)
+        else:
+            entries[layer] = _target(where, None, value)
+        nm, width = entries[layer][1], fqn_to_module(model, layer).in_features
+        if nm is not None and width % nm[1]:
+            raise ConfigError(f"layer {layer!r}: pattern {nm[0]}:{nm[1]} needs in_features to be "
+                              f"a multiple of {nm[1]}, got {width}")
+    return entries
+
+
+def _check_token_ids(i: int, ids: torch.Tensor, vocab: int) -> None:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ConfigTypeError(f"calibration batch {i}: token ids must be an integer tensor, "
+                              f"got dtype {ids.dtype}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ConfigError(f"calibration batch {i}: token ids must have shape (batch, seq_len), "
+                          f"got {tuple(ids.shape)}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise ConfigError(f"calibration batch {i}: token ids must lie in [0, {vocab}), got "
+                          f"[{low}, {high}]")
+
+
+def _check_batches(model: nn.Module, batches: Any, method: str) -> list[Any]:
+    if batches is None and method == "magnitude":
+        return []
+    if batches is None or isinstance(batches, (torch.Tensor, dict, str)):
+        raise ConfigTypeError(
+            f"oneshot(method={method!r}): calibration_batches must be a list of batches (a "
+            f"tensor, dict or tuple each), got {type(batches).__name__}; wrap one batch in a list"
+        )
+    batches = list(batches)
+    if not batches and method != "magnitude":
+        raise ConfigError(f"oneshot(method={method!r}): no calibration batches; give at least one")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (torch.Tensor, dict, tuple, list)):
+            raise ConfigTypeError(f"calibration batch {i}: expected a tensor, dict or tuple, got "
+                                  f"{type(batch).__name__}")
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        if isinstance(vocab, int) and isinstance(ids, torch.Tensor):
+            _check_token_ids(i, ids, vocab)
+    return batches
+
+
+def _magnitude(model: nn.Module, entries: dict[str, Target]) -> None:
+    """Per-layer magnitude pruning (|w|), unstructured or N:M, with WeightNormSparsifier."""
+    config = []
+    for layer, (level, nm) in entries.items():
+        shape = {"sparsity_level": level, "sparse_block_shape": (1, 1), "zeros_per_block": 1}
+        if nm is not None:
+            shape = {"sparsity_level": 1.0, "sparse_block_shape": (1, nm[1]),
+                     "zeros_per_block": nm[1] - nm[0]}
+        config.append({"tensor_fqn": f"{layer}.weight", **shape})
+    sparsifier = WeightNormSparsifier(norm=1)
+    sparsifier.prepare(model, config)
+    sparsifier.step()
+    sparsifier.squash_mask()
+
+
+def _sparsifier(
+    method: str, target: Target, blocksize: int, percdamp: float
+) -> CalibratedSparsifier | None:
+    if method == "sparsegpt":
+        return SparseGPTSparsifier(target[0], target[1], blocksize=blocksize, percdamp=percdamp)
+    if method == "wanda":
+        return WandaSparsifier(target[0], target[1])
+    return None
+
+
+def oneshot(
+    model: nn.Module,
+    calibration_batches: Iterable[Any] | None = None,
+    method: str = "sparsegpt",
+    sparsity: float | None = None,
+    pattern: Pattern = None,
+    *,
+    blocks: str | None = "auto",
+    layers: list[str] | None = None,
+    overrides: Mapping[str, float | Pattern] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Prune ``model`` in place, block by block, and return each layer's sparsity.
+
+    ``method``: ``"sparsegpt"`` (reconstructs the kept weights), ``"wanda"`` or
+    ``"magnitude"`` (needs no data). ``sparsity`` defaults to 0.5, or to ``1 - N/M``
+    with ``pattern="N:M"``. ``blocks``: ``"auto"`` finds a Hugging Face decoder stack;
+    a fqn names a ``ModuleList`` whose blocks run in sequence; ``None`` calibrates the
+    whole model at once. ``layers`` (module fqns) defaults to every ``nn.Linear`` in the
+    blocks; ``overrides`` maps layer fqns to their own sparsity or pattern. Batches are
+    token-id tensors ``(batch, seq)`` for language models, or any tensor / tuple / dict
+    of the model's arguments. Everything is checked, and the batches run through the
+    model up to its first block, before any weight changes.
+
+    >>> import prunekit, torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> prunekit.oneshot(model, [torch.randn(32, 16)], "wanda", pattern="2:4", progress=False)
+    {'0': 0.5, '2': 0.5}
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError(f"oneshot: model must be an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ConfigError(f"oneshot: method must be one of {METHODS}, got {method!r}")
+    target = _target(f"oneshot(method={method!r})", sparsity, pattern)
+    sparsifier = _sparsifier(method, target, blocksize, percdamp)
+    stack = resolve_blocks(model, blocks)
+    per_block = resolve_layers(model, stack, layers)
+    entries = _entries(model, [n for names in per_block.values() for n in names], target, overrides)
+    batches = _check_batches(model, calibration_batches, method)
+    if sparsifier is None:
+        _magnitude(model, entries)
+    else:
+        with inference_context(model):
+            inputs = capture_inputs(model, stack[0], batches)
+            config = [{"tensor_fqn": f"{layer}.weight", "sparsity_level": level, "pattern": nm}
+                      for layer, (level, nm) in entries.items()]
+            sparsifier.prepare(model, config)
+            run_sequential(sparsifier, stack, per_block, inputs, progress)
+            sparsifier.squash_mask()
+    return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
+
+
+def _zeros(weight: torch.Tensor) -> float:
+    return float((weight == 0).float().mean())

@@ -1,0 +1,202 @@
+"""``CalibratedSparsifier``: the life cycle of sparsifiers that learn from activations.
+
+prepare → calibrate → step → squash_mask. ``calibrate()`` is a context manager: while
+it is open, forward pre-hooks on the prepared ``nn.Linear`` layers accumulate a
+statistic of their inputs (a Hessian ``Σ x xᵀ`` for SparseGPT, per-feature ``Σ x²``
+for Wanda); ``step()`` turns each statistic into a mask (and, for SparseGPT, new
+weights) and frees it. Both take ``tensor_fqns`` so that a sequential engine can hold
+the statistics of one transformer block at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateError, UnsupportedError
+from prunekit.parametrization import FakeSparsity
+from prunekit.sparsifier._checks import check_level
+from prunekit.sparsifier.base import BaseSparsifier
+
+__all__ = ["CalibratedSparsifier", "parse_pattern"]
+
+Pattern = str | tuple[int, int] | None
+
+
+def parse_pattern(where: str, pattern: Any) -> tuple[int, int] | None:
+    """``None`` (unstructured), ``"N:M"`` or ``(N, M)`` with ``1 <= N < M`` → ``(N, M)``."""
+    if pattern is None:
+        return None
+    if isinstance(pattern, str):
+        parts = pattern.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"{where}: pattern must look like '2:4', got {pattern!r}")
+        pattern = (int(parts[0]), int(parts[1]))
+    ok = isinstance(pattern, (tuple, list)) and len(pattern) == 2
+    ok = ok and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pattern)
+    if not ok:
+        raise ConfigTypeError(
+            f"{where}: pattern must be None, 'N:M' or (N, M) ints, got {pattern!r}"
+        )
+    n, m = int(pattern[0]), int(pattern[1])
+    if not 1 <= n < m:
+        raise ConfigError(f"{where}: pattern N:M needs 1 <= N < M, got {n}:{m}")
+    return n, m
+
+
+def _fake_sparsity(module: nn.Module, tensor_name: str) -> FakeSparsity:
+    return next(p for p in module.parametrizations[tensor_name] if isinstance(p, FakeSparsity))
+
+
+class CalibratedSparsifier(BaseSparsifier):
+    """Abstract base: subclasses define the input statistic and ``update_mask``.
+
+    ``sparsity_level`` is the fraction of each layer's weights to zero (exactly, up to
+    rounding of one weight); ``pattern`` (``"2:4"``, ``(4, 8)``) asks for N:M instead and
+    then fixes the level at ``1 - N/M``. Both can be overridden per layer in the config.
+    """
+
+    def __init__(
+        self, sparsity_level: float = 0.5, pattern: Pattern = None, **defaults: Any
+    ) -> None:
+        defaults = {"sparsity_level": sparsity_level, "pattern": pattern, **defaults}
+        super().__init__(defaults=defaults)
+        self.validate_group({"tensor_fqn": "defaults", **defaults})
+        self._stats: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_stats": {}, "_tokens": {}}
+
+    # -- hooks for subclasses --------------------------------------------------------
+    @abc.abstractmethod
+    def new_statistic(self, weight: torch.Tensor) -> torch.Tensor:
+        """A zero statistic for a layer with this weight."""
+
+    @abc.abstractmethod
+    def accumulate(self, statistic: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Add a ``(tokens, in_features)`` float32 input batch to ``statistic`` in place."""
+
+    def prepare_statistic(self, group: dict[str, Any], statistic: torch.Tensor) -> torch.Tensor:
+        """What ``update_mask`` receives; runs for every layer before any changes, so it
+        is where a layer raises (default: the statistic itself, if finite)."""
+        if not bool(torch.isfinite(statistic).all()):
+            raise ConfigError(
+                f"{type(self).__name__}: calibration inputs of {group['module_fqn']!r} hold NaN "
+                "or inf; the statistic cannot rank weights"
+            )
+        return statistic
+
+    # -- validation ------------------------------------------------------------------
+    def validate_group(self, group: dict[str, Any]) -> None:
+        where = f"{type(self).__name__} group {group['tensor_fqn']!r}"
+        check_level(where, "sparsity_level", group.get("sparsity_level"))
+        nm = parse_pattern(where, group.get("pattern"))
+        module = group.get("module")
+        if module is None:
+            return
+        kind = parametrize.type_before_parametrizations(module)
+        if not issubclass(kind, nn.Linear) or group.get("tensor_name") != "weight":
+            raise UnsupportedError(
+                f"{where}: only nn.Linear weights can be calibrated, got {kind.__name__}."
+                f"{group.get('tensor_name')}"
+            )
+        width = module.in_features
+        if nm is not None and width % nm[1]:
+            raise ConfigError(
+                f"{where}: pattern {nm[0]}:{nm[1]} needs the input width to be a multiple of "
+                f"{nm[1]}, got in_features={width}"
+            )
+
+    def _select(self, tensor_fqns: Iterable[str] | None, action: str) -> list[dict[str, Any]]:
+        if tensor_fqns is None:
+            return list(self.groups)
+        if isinstance(tensor_fqns, str):
+            raise ConfigTypeError(f"{action}: tensor_fqns must be a list of names, got a str")
+        by_fqn = {g["tensor_fqn"]: g for g in self.groups}
+        wanted = list(tensor_fqns)
+        unknown = [f for f in wanted if f not in by_fqn]
+        if unknown:
+            raise FqnError(
+                f"{action}: {unknown} are not prepared tensors; expected some of {sorted(by_fqn)}"
+            )
+        return [by_fqn[f] for f in wanted]
+
+    # -- calibrate -------------------------------------------------------------------
+    @contextmanager
+    def calibrate(self, tensor_fqns: Iterable[str] | None = None) -> Iterator[CalibratedSparsifier]:
+        """Collect input statistics of the prepared layers (or only ``tensor_fqns``)
+        for every forward run inside the ``with`` block; statistics add up across calls.
+
+        >>> import prunekit, torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> s = prunekit.WandaSparsifier(sparsity_level=0.5); s.prepare(model, None)
+        >>> with s.calibrate():
+        ...     _ = model(torch.randn(16, 8))
+        >>> s.step(); s.squash_mask()
+        >>> int((model[0].weight == 0).sum())
+        32
+        """
+        self._check_prepared("calibrate")
+        groups = self._select(tensor_fqns, "calibrate")
+        handles = []
+        try:
+            for group in groups:
+                fqn = group["tensor_fqn"]
+                if fqn not in self._stats:
+                    weight = self._original(group["module"], "weight")
+                    self._stats[fqn], self._tokens[fqn] = self.new_statistic(weight), 0
+                hook = partial(self._record, fqn)
+                handles.append(group["module"].register_forward_pre_hook(hook))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _record(self, fqn: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (module.in_features,):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ConfigError(
+                f"calibrate: {fqn!r} got input {got}; expected (..., {module.in_features})"
+            )
+        with torch.no_grad():
+            x = x.detach().reshape(-1, x.shape[-1])
+            self.accumulate(self._stats[fqn], x.to(self._stats[fqn].dtype))
+        self._tokens[fqn] += x.shape[0]
+
+    # -- step ------------------------------------------------------------------------
+    def step(self, use_path: bool = True, *, tensor_fqns: Iterable[str] | None = None) -> None:
+        """Prune every prepared layer (or only ``tensor_fqns``) from its statistics.
+
+        All named layers must have been calibrated; every check runs before any weight
+        or mask changes. Statistics are freed once used.
+        """
+        if not self.enable_mask_update:
+            return
+        self._check_prepared("step")
+        groups = self._select(tensor_fqns, "step")
+        for group in groups:
+            self.validate_group(group)
+        missing = [g["tensor_fqn"] for g in groups if self._tokens.get(g["tensor_fqn"], 0) == 0]
+        if missing:
+            raise StateError(
+                f"step: no calibration data reached {missing}; run the model on calibration "
+                "batches inside `with sparsifier.calibrate():` first"
+            )
+        with torch.no_grad():
+            ready = [self.prepare_statistic(g, self._stats[g["tensor_fqn"]]) for g in groups]
+            for group, statistic in zip(groups, ready, strict=True):
+                fqn = group["tensor_fqn"]
+                self.update_mask(**group, statistic=statistic)
+                del self._stats[fqn], self._tokens[fqn]
+                module = group["module"]
+                _fake_sparsity(module, "weight").apply_(self._original(module, "weight"))

@@ -1,0 +1,192 @@
+"""Pure tensor functions of one-shot pruning: Wanda scores, N:M and per-row selection,
+and the SparseGPT layer-wise reconstruction (OBS over column blocks).
+
+No modules and no state: every function maps tensors to tensors, so each is tested
+alone. Weights are ``(out, in)`` matrices acting on the last dimension of the input;
+masks are bool keep-masks (True = keep), as everywhere in prunekit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit.errors import ConfigError
+from prunekit.masks import lowest_k, nm_mask
+
+__all__ = [
+    "damped_inverse_cholesky",
+    "prune_count",
+    "row_keep_mask",
+    "sparsegpt_prune",
+    "sparsegpt_reconstruct",
+    "wanda_keep_mask",
+    "wanda_scores",
+]
+
+# Extra damping tried, as multiples of the mean Hessian diagonal, when Cholesky fails.
+_DAMP_RETRIES = (1e-2, 1e-1, 1.0, 10.0)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a layer at ``sparsity`` drops: exactly ``round``."""
+    return max(0, min(numel, round(sparsity * numel)))
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2`` (Sun et al. 2023), from the summed squares of each input
+    feature over all calibration tokens; float32 at least so low precision ranks alike."""
+    w = weight.detach()
+    w = w if w.dtype == torch.float64 else w.float()
+    return w.abs() * input_sq_norms.to(w).clamp_min(0).sqrt()
+
+
+def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Drop the lowest scores of every row, ``prune_count(numel, sparsity)`` in all.
+
+    When the count does not split evenly, the first rows drop one more, so the layer
+    reaches its sparsity exactly while every row is compared only with itself.
+    """
+    rows = scores.shape[0]
+    base, extra = divmod(prune_count(scores.numel(), sparsity), rows)
+    k = base + (extra > 0)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k == 0:
+        return keep
+    idx = scores.topk(k, dim=1, largest=False, sorted=True).indices
+    drop = torch.ones(rows, k, dtype=torch.bool, device=scores.device)
+    if extra:
+        drop[extra:, -1] = False
+    return keep.scatter_(1, idx, ~drop)
+
+
+def wanda_keep_mask(
+    weight: torch.Tensor,
+    input_sq_norms: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Keep-mask of Wanda: per output row (unstructured) or per group of M inputs (N:M)."""
+    scores = wanda_scores(weight, input_sq_norms)
+    if nm is not None:
+        return nm_mask(scores, nm[0], nm[1], _identity)
+    return row_keep_mask(scores, sparsity)
+
+
+def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` with ``λ = percdamp * mean(diag H)``.
+
+    Inputs that never fired (zero diagonal) get a unit diagonal, so a singular or even
+    all-zero Hessian is handled; if the factorisation still fails, damping grows tenfold
+    a few times before giving up with an error (never NaN weights).
+    """
+    h = hessian.detach().to(torch.float32).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise ConfigError("SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
+                          "of this layer are not finite")
+    diag = h.diagonal()
+    diag[diag <= 0] = 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    scale = float(diag.mean())
+    for damp in (percdamp, *(d for d in _DAMP_RETRIES if d > percdamp)):
+        chol, info = torch.linalg.cholesky_ex(h + damp * scale * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
+    raise ConfigError(f"SparseGPT: the damped Hessian ({h.shape[0]} inputs) is not positive "
+                      f"definite even with damping {_DAMP_RETRIES[-1]}; check the calibration data")
+
+
+def _block_prune_mask(w: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:
+    """Unstructured: the ``count`` weights of a column block with least OBS error w²/d²."""
+    return lowest_k(w.square() / d.square(), count)
+
+
+def _obs_block(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    pruned: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prune one column block column by column, pushing each error onto the columns to
+    its right (``w`` is updated in place). Returns the block's error terms and mask."""
+    width = w.shape[1]
+    errors = torch.empty_like(w)
+    if pruned is None:
+        pruned = torch.zeros_like(w, dtype=torch.bool)
+    d = hinv.diagonal()
+    for i in range(width):
+        if nm is not None and i % nm[1] == 0:
+            group = slice(i, i + nm[1])
+            scores = w[:, group].square() / d[group].square()
+            idx = scores.topk(nm[1] - nm[0], dim=1, largest=False).indices
+            pruned[:, group].scatter_(1, idx, True)
+        col = w[:, i]
+        err = torch.where(pruned[:, i], col, torch.zeros_like(col)) / d[i]
+        w[:, i:].addr_(err, hinv[i, i:], alpha=-1.0)
+        w[:, i].masked_fill_(pruned[:, i], 0.0)
+        errors[:, i] = err
+    return w, errors, pruned
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023): prune ``weight`` and update the kept weights
+    to minimise ``||WX - ŴX||²`` for the inputs summarised by ``hessian = Σ x xᵀ``.
+
+    Returns ``(new_weight, keep_mask)``; see ``sparsegpt_reconstruct``.
+    """
+    upper = damped_inverse_cholesky(hessian, percdamp)
+    return sparsegpt_reconstruct(weight, upper, sparsity, nm, blocksize)
+
+
+def sparsegpt_reconstruct(
+    weight: torch.Tensor,
+    hinv_upper: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SparseGPT solver given ``U = damped_inverse_cholesky(H)``.
+
+    Columns are processed in blocks of ``blocksize``; within a block every pruned
+    weight's error is spread over the columns to its right through the inverse Hessian
+    (OBS), and the whole block's error reaches the later blocks in one lazy matrix
+    product. The new weight is float32 and zero where the mask is False. Unstructured
+    sparsity is exact per layer: each block drops its share of
+    ``prune_count(numel, sparsity)``; with ``nm`` every group of M consecutive inputs of
+    a row keeps N (M must divide the width and ``blocksize``).
+    """
+    cols = weight.shape[1]
+    if hinv_upper.shape != (cols, cols):
+        raise ConfigError(f"SparseGPT: factor shape {tuple(hinv_upper.shape)} does not match "
+                          f"weight {tuple(weight.shape)}; expected ({cols}, {cols})")
+    if nm is not None and (cols % nm[1] or blocksize % nm[1]):
+        raise ConfigError(f"SparseGPT: pattern {nm[0]}:{nm[1]} needs M to divide the input "
+                          f"width ({cols}) and blocksize ({blocksize})")
+    w = weight.detach().to(torch.float32).clone()
+    total = prune_count(w.numel(), sparsity)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        hinv = hinv_upper[start:end, start:end]
+        pruned = None
+        if nm is None:
+            count = round(total * end / cols) - round(total * start / cols)
+            pruned = _block_prune_mask(w[:, start:end], hinv.diagonal(), count)
+        block, errors, pruned = _obs_block(w[:, start:end].clone(), hinv, pruned, nm)
+        w[:, start:end] = block
+        w[:, end:].addmm_(errors, hinv_upper[start:end, end:], alpha=-1.0)
+        keep[:, start:end] = ~pruned
+    return w.masked_fill_(~keep, 0.0), keep

@@ -28,6 +28,7 @@ __all__ = ["BaseDataSparsifier", "DataNameError"]
 
 EMBEDDING_TYPES = {nn.Embedding, nn.EmbeddingBag}
 SUPPORTED_TYPES = {torch.Tensor, nn.Parameter, *EMBEDDING_TYPES}
+_RESERVED = {"parametrizations"}  # created by the first parametrization
 
 
 class DataNameError(FqnError, ValueError):
@@ -109,7 +110,7 @@ class BaseDataSparsifier(BaseSparsifier):
                 f"{action}: data name must be a non-empty string without '.', got {name!r} "
                 "(use '_' instead of '.', e.g. 'emb_bag' for 'emb.bag')"
             )
-        if name not in self.data_groups and hasattr(self._container, name):
+        if name not in self.data_groups and (name in _RESERVED or hasattr(self._container, name)):
             raise DataNameError(
                 f"{action}: data name {name!r} clashes with an attribute of nn.Module; pick another"
             )
@@ -325,7 +326,8 @@ class BaseDataSparsifier(BaseSparsifier):
 
     @staticmethod
     def _check_name_in_state_dict(name: Any, where: str) -> None:
-        if not isinstance(name, str) or not name or "." in name or hasattr(_Container(), name):
+        unusable = not isinstance(name, str) or not name or "." in name or name in _RESERVED
+        if unusable or hasattr(_Container(), name):
             raise StateDictError(f"{where}: unusable data name {name!r}")
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConfigKeyError",
     "ConfigTypeError",
     "FqnError",
     "PruneKitError",
@@ -25,6 +26,13 @@ class PruneKitError(Exception):
 
 class ConfigError(PruneKitError, ValueError):
     """A configuration value is out of range or inconsistent."""
+
+
+class ConfigKeyError(PruneKitError, KeyError):
+    """A required configuration key is missing (the reference raised a bare KeyError)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ConfigTypeError(PruneKitError, TypeError):

@@ -42,7 +42,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _quiet_beta() -> Iterator[None]:
     """Silence torch's "sparse CSR support is in beta" notice: choosing the layout is ours."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse .* tensor support is in beta")
         yield
 
 
@@ -187,6 +187,11 @@ class BsrLayout(Layout):
             raise ConfigError(
                 f"{where}: BSR block {tuple(block)} does not divide the weight shape "
                 f"{(rows, cols)}; expected a block (r, c) with {rows} % r == 0 and {cols} % c == 0"
+            )
+        if weight.device.type == "cpu" and block[0] != block[1]:
+            raise ConfigError(
+                f"{where}: BSR block {tuple(block)} is not square; the CPU BSR kernel (MKL) "
+                "multiplies square blocks only. Use layout='csr' (or a CUDA device)"
             )
         return cls((int(block[0]), int(block[1])))
 

@@ -1,0 +1,182 @@
+"""to_sparse: choices, equivalence with the dense model, report, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunekit.deploy import LAYOUTS, SparseConv1x1, SparseLinear, to_sparse
+from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+from prunekit.parametrization import FakeSparsity
+from tests.deploy._models import block_sparse, sparse_mlp
+from tests.helpers import assert_unchanged, snapshot
+
+X = torch.randn(4, 8, 64)
+
+
+@pytest.mark.parametrize(
+    ("layout", "block", "expected"),
+    [("csr", (1, 1), "csr"), ("bsr", (4, 4), "bsr4x4"), ("dense", (1, 1), "dense")],
+)
+def test_fixed_layouts_match_the_dense_model(layout, block, expected):
+    model = sparse_mlp(block)
+    deployed = to_sparse(model, layout=layout)
+    torch.testing.assert_close(deployed(X), model(X), atol=1e-5, rtol=1e-5)
+    assert deployed.deploy_report.chosen() == {"0": expected, "2": expected}
+    assert type(model[0]) is nn.Linear  # the input model is untouched (a copy was deployed)
+
+
+def test_auto_keeps_the_fastest_and_explains_it():
+    model = sparse_mlp((16, 16), sparsity=0.95)
+    deployed = to_sparse(model, X)
+    torch.testing.assert_close(deployed(X), model(X), atol=1e-5, rtol=1e-5)
+    first = deployed.deploy_report["0"]
+    assert {"dense", "csr"} < set(first.times_ms)
+    assert any(k.startswith("bsr") for k in first.times_ms)
+    assert first.layout == min(first.times_ms, key=first.times_ms.get) or first.layout == "dense"
+    assert first.reason.startswith(("fastest:", "no layout beats dense"))
+    assert any(s.startswith("semi_structured: ") and "CUDA" in s for s in first.skipped)
+    sparsity = (model[0].weight == 0).float().mean().item()
+    row = f"| 0 | Linear | 128x64 | {sparsity:.2f} | {first.layout} |"
+    assert row in str(deployed.deploy_report)
+
+
+def test_auto_leaves_layers_dense_when_sparse_cannot_win():
+    deployed = to_sparse(sparse_mlp(sparsity=0.9), X, margin=0.99)
+    assert deployed.deploy_report.chosen() == {"0": "dense", "2": "dense"}
+    assert all(type(m) is not SparseLinear for m in deployed.modules())
+    assert "no layout beats dense by 99%" in deployed.deploy_report["2"].reason
+
+
+def test_auto_reports_layers_the_inputs_never_reach():
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp, self.unused = sparse_mlp(), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    model = WithSpare()
+    with torch.no_grad():
+        model.unused.weight[0] = 0
+    deployed = to_sparse(model, X)
+    assert deployed.deploy_report["unused"].reason == "not called by example_inputs"
+    assert type(deployed.unused) is nn.Linear
+
+
+def test_layers_without_zeros_are_left_dense_unless_named():
+    model = nn.Sequential(nn.Linear(16, 16))
+    assert to_sparse(model, layout="csr").deploy_report["0"].reason == "no zeros in the weight"
+    named = to_sparse(model, layout="csr", modules=["0"])
+    assert isinstance(named[0], SparseLinear)
+
+
+def test_pointwise_convs_are_deployed_and_other_convs_skipped():
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.Conv2d(32, 8, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(block_sparse(32, 16, (4, 4), 0.75).reshape(32, 16, 1, 1))
+        model[1].weight[0] = 0
+    deployed = to_sparse(model, layout="bsr")
+    assert isinstance(deployed[0], SparseConv1x1) and type(deployed[1]) is nn.Conv2d
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_modules_are_read_through_their_parametrization():
+    model = nn.Sequential(nn.Linear(32, 32))
+    mask = block_sparse(32, 32, (4, 4), 0.5) != 0
+    parametrize.register_parametrization(model[0], "weight", FakeSparsity(mask))
+    deployed = to_sparse(model, layout="bsr")
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
+    assert deployed.deploy_report["0"].layout == "bsr4x4"
+
+
+def test_blocksize_comes_from_sparse_params_then_the_argument():
+    model = sparse_mlp((4, 4))
+    model[0].sparse_params = {"sparse_block_shape": (2, 2)}
+    deployed = to_sparse(model, layout="bsr")
+    assert deployed.deploy_report.chosen() == {"0": "bsr2x2", "2": "bsr4x4"}
+    assert to_sparse(model, layout="bsr", blocksize=(4, 4)).deploy_report["0"].layout == "bsr4x4"
+
+
+def test_inplace_replaces_the_modules_of_the_given_model():
+    model = sparse_mlp()
+    same = to_sparse(model, layout="csr", inplace=True)
+    assert same is model and isinstance(model[0], SparseLinear)
+
+
+def test_state_dict_of_a_deployed_model_round_trips():
+    source = to_sparse(sparse_mlp((4, 4)), layout="bsr")
+    other = to_sparse(sparse_mlp((4, 4), sparsity=0.5), layout="bsr")
+    other.load_state_dict(source.state_dict())
+    torch.testing.assert_close(other(X), source(X))
+
+
+def test_export_of_a_deployed_model():
+    deployed = to_sparse(sparse_mlp(), layout="csr")
+    program = torch.export.export(deployed, (X,))
+    torch.testing.assert_close(program.module()(X), deployed(X))
+
+
+BAD = [
+    (dict(layout="bsr", blocksize=(3, 4)), ConfigError, r"'0' \(Linear \(128, 64\)\).*not divide"),
+    (dict(layout="bsr"), ConfigError, r"layer '0'.*no block structure"),
+    (dict(layout="semi_structured"), ConfigError, r"layer '0'.*needs a CUDA weight"),
+    (dict(layout="coo"), ConfigError, r"layout='coo'; expected 'auto' or one of \['bsr', 'csr'"),
+    (dict(layout="auto"), ConfigError, r"needs example_inputs .*got None"),
+    (dict(layout="csr", modules=["1"]), ConfigTypeError, r"layer '1' is a GELU; expected nn.L"),
+    (dict(layout="csr", modules=["9"]), FqnError, r"modules names '9'"),
+    (dict(layout="csr", margin=1.5), ConfigError, r"margin=1.5; expected 0 <= margin < 1"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_input_raises_and_leaves_the_model_unchanged(kwargs, error, message):
+    model = sparse_mlp()
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        to_sparse(model, inplace=True, **kwargs)
+    assert_unchanged(before, model)
+    assert not hasattr(model, "deploy_report")
+
+
+def test_a_later_layer_failing_leaves_earlier_layers_unreplaced():
+    model = sparse_mlp((4, 4))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(32, 128) * (torch.rand(32, 128) > 0.9))
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"layer '2'.*no block structure"):
+        to_sparse(model, layout="bsr", inplace=True)
+    assert_unchanged(before, model)
+
+
+def test_non_float_weights_name_the_layer():
+    model = sparse_mlp().to(torch.float64)
+    model[0].weight = nn.Parameter(torch.ones(128, 64, dtype=torch.int32), requires_grad=False)
+    before = snapshot(model)
+    with pytest.raises(ConfigTypeError, match=r"layer '0'.*torch.int32"):
+        to_sparse(model, layout="csr", inplace=True)
+    assert_unchanged(before, model)
+
+
+def test_every_registered_layout_is_reachable_by_name():
+    assert set(LAYOUTS) == {"dense", "csr", "bsr", "semi_structured"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_semi_structured_on_cuda_matches_dense():
+    model = nn.Sequential(nn.Linear(128, 128)).half().cuda()
+    with torch.no_grad():
+        keep = torch.zeros(128, 32, 4, dtype=torch.bool, device="cuda")
+        keep[..., :2] = True
+        model[0].weight.mul_(keep.reshape(128, 128))
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    deployed = to_sparse(model, layout="semi_structured")
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-2, rtol=1e-2)
+    auto = to_sparse(model, x)
+    assert "semi_structured" in auto.deploy_report["0"].times_ms

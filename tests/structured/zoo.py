@@ -246,3 +246,22 @@ def masked_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
         parent, _, name = fqn.rpartition(".")
         setattr(masked.get_submodule(parent), name, _MaskedLayerNorm(masked.get_submodule(fqn), keep))
     return masked
+
+
+def check_equivalent(model: nn.Module, example: torch.Tensor, rtol: float = 1e-5, **kwargs: object) -> PrunePlan:
+    """Plan with ``kwargs``, apply, and assert the shrunk model matches the masked oracle
+    on a fresh input of the example's shape; returns the applied plan."""
+    from prunekit.structured.engine import prune
+
+    model.eval()
+    plan = prune(model, example, **kwargs)
+    masked = masked_copy(model, plan)
+    fresh = example.clone() if not example.is_floating_point() else torch.randn_like(example)
+    with torch.no_grad():
+        expected = masked(fresh)
+        plan.apply()
+        got = model(fresh)
+    scale = expected.abs().max().clamp_min(1e-6)
+    assert got.shape == expected.shape
+    assert ((got - expected).abs().max() / scale).item() <= rtol
+    return plan

@@ -139,4 +139,4 @@ def _summary(
     own_calls = [c for c in calls if c[0] in owners]
     macs = count_macs(model, own_calls, {}) - count_macs(model, own_calls, sizes)
     kept = tuple(np.nonzero(~removed[group.classes])[0].tolist())
-    return GroupSummary(group.index, group.label(), group.width, kept, params, macs)
+    return GroupSummary(group.index, group.member_names(), group.width, kept, params, macs)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prunekit.errors import ConfigError
 from prunekit.structured.engine.layers import layer_pruner
@@ -55,8 +56,9 @@ def _shape_of(value: Any) -> Any:
 
 
 def capture(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph, dict[fx.Node, Any]]:
-    """Trace ``model`` with torch.fx and record shapes; the model is left unchanged
-    (eval mode and no_grad while running, so BatchNorm statistics are untouched)."""
+    """Trace ``model`` with torch.fx and record shapes; the model is left unchanged.
+    Shapes come from one pass on fake tensors (no compute, no writes: BatchNorm
+    statistics are untouched); eval mode so that shapes match inference."""
     try:
         graph = _LeafTracer().trace(model)
     except Exception as exc:
@@ -70,9 +72,13 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph
     try:
         model.eval()
         recorder = _ShapeRecorder(gm)
-        with torch.no_grad():
-            recorder.run(*example_inputs)
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            recorder.run(*(_fake(fake, x) for x in example_inputs))
     finally:
         for m, mode in modes.items():
             m.training = mode
     return graph, recorder.shapes
+
+
+def _fake(mode: FakeTensorMode, value: Any) -> Any:
+    return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value

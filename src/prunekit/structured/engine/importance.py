@@ -65,12 +65,16 @@ def _rows(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
 
 
+def _others(tensor: torch.Tensor, dim: int) -> tuple[int, ...]:
+    return tuple(d for d in range(tensor.dim()) if d != dim)
+
+
 @register_importance
 class L1(Importance):
     name = "l1"
 
     def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        return _rows(tensor, dim).abs().sum(1)
+        return tensor.detach().float().abs().sum(_others(tensor, dim))
 
 
 @register_importance
@@ -78,7 +82,7 @@ class L2(Importance):
     name = "l2"
 
     def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        return _rows(tensor, dim).norm(dim=1)
+        return torch.linalg.vector_norm(tensor.detach().float(), dim=_others(tensor, dim))
 
 
 @register_importance

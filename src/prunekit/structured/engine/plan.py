@@ -25,7 +25,7 @@ class GroupSummary:
     """One group as printed: its members, width before/after, and what it alone saves."""
 
     index: int
-    members: str
+    members: tuple[str, ...]
     width: int
     kept: tuple[int, ...]
     params_saved: int
@@ -70,7 +70,7 @@ class PrunePlan:
                 for s in self.slices
             ],
             "groups": [
-                {"index": g.index, "members": g.members, "width": g.width, "kept": list(g.kept),
+                {"index": g.index, "members": list(g.members), "width": g.width, "kept": list(g.kept),
                  "params_saved": g.params_saved, "macs_saved": g.macs_saved}
                 for g in self.groups
             ],
@@ -84,7 +84,7 @@ class PrunePlan:
             raise ConfigError(f"not a version-1 {FORMAT} dict: got keys {sorted(data)[:6]}")
         slices = [Slice(s["owner"], s["name"], int(s["dim"]), int(s["size"]), tuple(s["keep"]))
                   for s in data["slices"]]
-        groups = [GroupSummary(g["index"], g["members"], g["width"], tuple(g["kept"]),
+        groups = [GroupSummary(g["index"], tuple(g["members"]), g["width"], tuple(g["kept"]),
                                g["params_saved"], g["macs_saved"]) for g in data["groups"]]
         return cls(model, slices, groups, dict(data["totals"]), dict(data["settings"]),
                    list(data["inexact"]))
@@ -100,7 +100,7 @@ class PrunePlan:
             lines.append(
                 f"  group {g.index}: {g.width} -> {len(g.kept)} channels, kept "
                 f"{_abbrev(g.kept)}, saves {g.params_saved:,} params, {g.macs_saved:,} MACs "
-                f"(alone) | {g.members}"
+                f"(alone) | {_abbrev_names(g.members)}"
             )
         if self.inexact:
             lines.append(f"  note: LayerNorm statistics change in {', '.join(self.inexact)}")
@@ -111,3 +111,8 @@ def _abbrev(kept: tuple[int, ...], limit: int = 8) -> str:
     if len(kept) <= limit:
         return str(list(kept))
     return "[" + ", ".join(map(str, kept[:limit])) + f", ... ({len(kept)} total)]"
+
+
+def _abbrev_names(names: tuple[str, ...], limit: int = 4) -> str:
+    more = f" +{len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

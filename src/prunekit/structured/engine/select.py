@@ -16,13 +16,16 @@ __all__ = ["check_round_to", "class_scores", "select"]
 
 
 def class_scores(model: nn.Module, graph: ChannelGraph, importance: Importance) -> np.ndarray:
-    """Mean over members of each member's scores normalised by their mean; ``inf`` for
-    channels no member has an opinion on (they are never pruned)."""
+    """Mean over parameter members of their scores, each normalised by its mean (so
+    layers of different scale weigh alike); ``inf`` for channels no member has an
+    opinion on (they are never pruned)."""
     total = np.zeros(graph.n_classes)
     count = np.zeros(graph.n_classes)
     for key, member in graph.members.items():
         module = model.get_submodule(member.owner)
         tensor = getattr(module, member.name)
+        if not isinstance(tensor, nn.Parameter):
+            continue  # buffers (running statistics) are sliced, not scored
         fqn = f"{member.owner}.{member.name}" if member.owner else member.name
         scores = importance.score(module, fqn, tensor, member.dim)
         if scores is None:
@@ -52,7 +55,7 @@ def check_round_to(groups: list[Group], round_to: int) -> None:
         if g.prunable.size and g.width < round_to:
             raise ConfigError(
                 f"round_to={round_to} cannot be met by the group of width {g.width} "
-                f"({g.label()}); use a round_to of at most {g.width} or ignore those layers"
+                f"(first member {g.member_names()[0]}); use a round_to of at most {g.width} or ignore those layers"
             )
 
 

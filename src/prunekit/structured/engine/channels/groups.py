@@ -27,10 +27,9 @@ class Group:
     def width(self) -> int:
         return int(self.classes.size)
 
-    def label(self, limit: int = 4) -> str:
-        names = list(dict.fromkeys(f"{m.owner or '<root>'}.{m.name}[{m.dim}]" for m in self.members))
-        more = f" +{len(names) - limit} more" if len(names) > limit else ""
-        return ", ".join(names[:limit]) + more
+    def member_names(self) -> tuple[str, ...]:
+        """``owner.tensor[dim]`` of every member, in graph order."""
+        return tuple(dict.fromkeys(f"{m.owner}.{m.name}[{m.dim}]" for m in self.members))
 
 
 @dataclass

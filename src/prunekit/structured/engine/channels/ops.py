@@ -97,7 +97,9 @@ def _cat(node: fx.Node, ctx: Propagation) -> Any:
 
 
 def _split(node: fx.Node, ctx: Propagation) -> Any:
-    """split/chunk/unbind-free splitting: slices of the channel ids, one per output."""
+    """split/chunk along the channels: one slice of the ids per output. ``split`` sizes
+    are constants in the code, so its channels are frozen; ``chunk`` parts must stay
+    equal, so channel j of every part is one coupled channel (e.g. SwiGLU gate/up)."""
     state = ctx.state(node.args[0])
     if not isinstance(state, Tracked):
         return None
@@ -106,8 +108,15 @@ def _split(node: fx.Node, ctx: Propagation) -> Any:
     outs = ctx.shape(node)
     if dim != state.dim:
         return tuple(Tracked(state.dim, state.ids) for _ in outs)
+    is_chunk = node.target in (torch.chunk, "chunk")
+    if not is_chunk or len({s[dim] for s in outs}) != 1:
+        ctx.freeze(state)
     bounds = np.cumsum([0] + [s[dim] for s in outs])
-    return tuple(Tracked(dim, state.ids[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    parts = [state.ids[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    for part in parts[1:]:
+        if is_chunk and part.size == parts[0].size:
+            ctx.union(parts[0], part)
+    return tuple(Tracked(dim, p) for p in parts)
 
 
 def _getitem(node: fx.Node, ctx: Propagation) -> Any:
@@ -125,7 +134,20 @@ def _reshape(node: fx.Node, ctx: Propagation) -> Any:
     if not isinstance(state, Tracked):
         return None
     moved = follow_reshape(ctx.shape(node.args[0]), ctx.shape(node), state.dim, state.ids)
-    return unknown(node, ctx) if moved is None else Tracked(*moved)
+    if moved is None or _constant_width(node, moved[0]):
+        return unknown(node, ctx)
+    return Tracked(*moved)
+
+
+def _constant_width(node: fx.Node, dim: int) -> bool:
+    """``view``/``reshape`` whose target size at the channel dim is a literal (not -1,
+    not computed from a tensor's size): the code would break once the width changes."""
+    if node.target not in ("view", "reshape", torch.reshape):
+        return False
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    if "shape" in node.kwargs:
+        sizes = node.kwargs["shape"]
+    return len(sizes) > dim and isinstance(sizes[dim], int) and sizes[dim] != -1
 
 
 def _transpose(node: fx.Node, ctx: Propagation) -> Any:

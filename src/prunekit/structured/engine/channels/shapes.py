@@ -64,12 +64,17 @@ def follow_index(index: Any, ndim: int, dim: int, ids: np.ndarray) -> tuple[int,
             src, out = src + skip, out + skip
         elif item is None:
             out += 1
-        elif src == dim:
-            return None if isinstance(item, int) else (out, ids[item])
+        elif src == dim:  # sizes in the code are constants: only a full slice survives pruning
+            return (out, ids) if _is_full(item, ids.size) else None
         else:
             out += 0 if isinstance(item, int) else 1
             src += 1
     return out + dim - src, ids
+
+
+def _is_full(item: Any, size: int) -> bool:
+    return isinstance(item, slice) and item.indices(size) == (0, size, 1) and (
+        item.stop is None or item.stop >= size) and item.start in (None, 0)
 
 
 def follow_reduce(dims: Any, keepdim: bool, ndim: int, dim: int) -> int | None:

@@ -1,6 +1,11 @@
 """Registered layer pruners; importing this package registers every built-in type."""
 
-from prunekit.structured.engine.layers import conv, linear, norm  # noqa: F401  (registration)
+from prunekit.structured.engine.layers import (  # noqa: F401  (registration)
+    conv,
+    linear,
+    norm,
+    recurrent,
+)
 from prunekit.structured.engine.layers.base import (
     LayerPruner,
     layer_pruner,

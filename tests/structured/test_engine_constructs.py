@@ -1,0 +1,195 @@
+"""One small model per construct: each must shrink exactly like its masked twin, and
+couplings (residual, cat, split, grouped convs, ...) must show up in the groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.structured.engine import importance_names, prune
+from tests.structured.zoo import ResNet, check_equivalent
+
+
+class SplitChunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.out = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.a(x).chunk(2, dim=1)
+        r1, r2 = right.chunk(2, dim=1)
+        return self.out(torch.cat([self.b(left), self.c(r1), r2], 1))
+
+
+class Depthwise(nn.Module):
+    """Depth multiplier 2, a grouped conv, Conv1d and Conv3d, SE-style gating."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.gc = nn.Conv2d(16, 16, 1, groups=4)
+        self.se = nn.Conv2d(16, 16, 1)
+        self.c1 = nn.Conv1d(16, 12, 3, padding=1)
+        self.c3 = nn.Conv3d(12, 6, 1)
+        self.bn = nn.BatchNorm1d(12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gc(F.relu(self.dw(self.pw(x))))
+        y = y * torch.sigmoid(self.se(F.adaptive_avg_pool2d(y, 1)))
+        z = self.bn(self.c1(y.flatten(2)))
+        return self.c3(z.unsqueeze(-1).unsqueeze(-1))
+
+
+class Tokens(nn.Module):
+    """Embedding, LayerNorm, a learned per-channel scale, GroupNorm over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 16)
+        self.fc1 = nn.Linear(16, 24)
+        self.scale = nn.Parameter(torch.rand(24) + 0.5)
+        self.ln = nn.LayerNorm(24)
+        self.fc2 = nn.Linear(24, 8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.ln(F.gelu(self.fc1(self.embed(t))) * self.scale)
+        h = self.gn(self.fc2(h).transpose(1, 2)).transpose(1, 2)
+        return self.out(h.mean(1))
+
+
+CASES = {
+    "split_chunk": (SplitChunk, lambda: torch.randn(2, 3, 6, 6)),
+    "depthwise_grouped_conv1d_conv3d": (Depthwise, lambda: torch.randn(2, 3, 5, 5)),
+    "embedding_layernorm_groupnorm": (Tokens, lambda: torch.randint(0, 30, (2, 5))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_construct_shrinks_like_masked(name: str, ratio: float) -> None:
+    torch.manual_seed(0)
+    make, inp = CASES[name]
+    model, x = make(), inp()
+    out_shape = model(x).shape
+    plan = check_equivalent(model, x, ratio=ratio)
+    assert plan.totals["params_after"] < plan.totals["params_before"]
+    assert model(x).shape == out_shape
+
+
+def test_chunks_stay_equal_and_cat_concatenates() -> None:
+    torch.manual_seed(0)
+    model, x = SplitChunk(), torch.randn(2, 3, 6, 6)
+    plan = prune(model, x, ratio=0.5)
+    a = next(g for g in plan.groups if "a.weight[0]" in g.members)
+    assert a.width == 4 and len(a.kept) == 2  # channel j of each quarter is one unit
+    assert {"b.weight[1]", "c.weight[1]", "out.weight[1]"} <= set(a.members)
+    plan.apply()
+    assert (model.a.out_channels, model.b.in_channels, model.c.in_channels) == (8, 4, 2)
+    assert model.out.in_channels == model.b.out_channels + model.c.out_channels + 2
+
+
+def test_constant_split_sizes_and_slices_freeze_channels() -> None:
+    class Constant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            left, right = self.a(x).split([3, 5], dim=-1)
+            h = self.b(torch.cat([left, right], -1))
+            return self.c(h[:, :6].repeat(1, 2)[:, :8])
+
+    torch.manual_seed(0)
+    model = Constant()
+    check_equivalent(model, torch.randn(3, 4), ratio=0.5)
+    assert (model.a.out_features, model.b.out_features) == (8, 8)
+
+
+def test_grouped_convs_lose_whole_groups() -> None:
+    torch.manual_seed(0)
+    model, x = Depthwise(), torch.randn(2, 3, 5, 5)
+    prune(model, x, ratio=0.5).apply()
+    assert model.dw.groups == model.pw.out_channels == model.dw.in_channels
+    assert model.dw.out_channels == 2 * model.dw.groups
+    assert model.gc.in_channels % model.gc.groups == 0 and model.gc.in_channels // model.gc.groups == 4
+
+
+def test_layernorm_is_reported_inexact() -> None:
+    torch.manual_seed(0)
+    plan = prune(Tokens(), torch.randint(0, 30, (2, 5)), ratio=0.5)
+    assert plan.inexact == ["ln"]
+    assert "LayerNorm statistics change in ln" in str(plan)
+
+
+def test_unknown_op_freezes_its_channels_but_stays_correct() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.cumsum(self.a(x), dim=-1)  # mixes channels: a's outputs are frozen
+            return self.c(F.relu(self.b(h)))
+
+    torch.manual_seed(0)
+    model = Odd()
+    check_equivalent(model, torch.randn(3, 4), ratio=0.5)
+    assert (model.a.out_features, model.b.in_features, model.b.out_features) == (8, 8, 4)
+
+
+def test_ignored_layers_round_to_and_min_channels() -> None:
+    torch.manual_seed(0)
+    model, x = ResNet("basic", (1, 1), width=16, classes=5), torch.randn(1, 3, 32, 32)
+    check_equivalent(model, x, ratio=0.6, ignored_layers=["stages.1.conv1"], round_to=4)
+    assert model.stages[1].conv1.out_channels == 32
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 4 == 0 for w in widths)
+    model = ResNet("basic", (1, 1), width=16, classes=5)
+    prune(model, x, ratio=0.9, min_channels=5).apply()
+    assert model.stem[0].out_channels == 5
+
+
+def test_global_pruning_ranks_across_groups() -> None:
+    torch.manual_seed(0)
+    model, x = ResNet("basic", (1, 1), width=16, classes=5), torch.randn(1, 3, 32, 32)
+    block = model.stages[1]
+    with torch.no_grad():  # channels 0-7 of this group are worthless next to the rest
+        block.conv1.weight[:8].mul_(1e-4)
+        block.bn1.weight[:8].mul_(1e-4)
+        block.bn1.bias[:8].mul_(1e-4)
+        block.conv2.weight[:, :8].mul_(1e-4)
+    plan = prune(model, x, ratio=0.25, global_pruning=True)
+    widths = sum(g.width for g in plan.groups)
+    assert sum(len(g.kept) for g in plan.groups) == widths - widths // 4
+    group = next(g for g in plan.groups if "stages.1.conv1.weight[0]" in g.members)
+    assert not set(range(8)) & set(group.kept)
+    assert len({len(g.kept) / g.width for g in plan.groups}) > 1  # uneven across groups
+    check_equivalent(model, x, ratio=0.25, global_pruning=True)
+
+
+@pytest.mark.parametrize("criterion", sorted(set(importance_names()) - {"taylor"}))
+def test_every_criterion_gives_an_equivalent_model(criterion: str) -> None:
+    torch.manual_seed(0)
+    model = ResNet("basic", (1, 1), width=8, classes=5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
+    check_equivalent(model, torch.randn(1, 3, 16, 16), ratio=0.5, importance=criterion)
+    assert model.stem[0].out_channels == 4
+
+
+def test_taylor_uses_user_gradients() -> None:
+    torch.manual_seed(0)
+    model, x = ResNet("basic", (1, 1), width=8, classes=5), torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    check_equivalent(model, x, ratio=0.5, importance="taylor")
+    assert model.stem[0].out_channels == 4

@@ -35,6 +35,7 @@ from prunekit.deploy.quantized_modules import (
     FbgemmSparseQuantizedLinear,
     QnnpackSparseDynamicLinear,
     check_engine,
+    quiet_int8_deprecations,
 )
 from prunekit.errors import ConfigError, ConfigTypeError
 from prunekit.swap import register_swap_handler
@@ -94,7 +95,7 @@ def _dynamic(module: nn.Module) -> QnnpackSparseDynamicLinear:
     _check_linear(module, _convert_where(module))
     plain = _plain_linear(module)
     plain.qconfig = default_dynamic_qconfig
-    with LinearBlockSparsePattern(*BLOCK):
+    with LinearBlockSparsePattern(*BLOCK), quiet_int8_deprecations():
         return QnnpackSparseDynamicLinear.from_float(plain)
 
 
@@ -110,7 +111,8 @@ def _static(module: nn.Module) -> sparse_q.Linear:
         )
     plain = _plain_linear(module)
     plain.qconfig, plain.activation_post_process = module.qconfig, observer
-    return FbgemmSparseQuantizedLinear.from_float(plain)
+    with quiet_int8_deprecations():
+        return FbgemmSparseQuantizedLinear.from_float(plain)
 
 
 register_swap_handler(sparse_q.dynamic.Linear, _dynamic)
@@ -144,12 +146,13 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
 
 
 def _calibrate_and_convert(model: nn.Module, batches: list[Any]) -> None:
-    prepare(model, inplace=True)
-    with torch.no_grad():
-        for batch in batches:
-            run_model(model, batch)
     mapping = {**get_default_static_quant_module_mappings(), nn.Linear: FbgemmSparseQuantizedLinear}
-    convert(model, mapping=mapping, inplace=True)
+    with quiet_int8_deprecations():
+        prepare(model, inplace=True)
+        with torch.no_grad():
+            for batch in batches:
+                run_model(model, batch)
+        convert(model, mapping=mapping, inplace=True)
 
 
 def _static_model(model: nn.Module, targets: dict[str, nn.Module], batches: list[Any]) -> None:

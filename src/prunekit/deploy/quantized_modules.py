@@ -11,6 +11,7 @@ calls only and load what they save.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "QnnpackSparseDynamicLinear",
     "check_engine",
     "quantized_engine",
+    "quiet_int8_deprecations",
 ]
 
 STATIC_ENGINE, DYNAMIC_ENGINE = "fbgemm", "qnnpack"
@@ -58,6 +60,17 @@ def quantized_engine(name: str, what: str) -> Iterator[None]:
         yield
     finally:
         torch.backends.quantized.engine = previous
+
+
+@contextmanager
+def quiet_int8_deprecations() -> Iterator[None]:
+    """torch 2.13 deprecates eager quantization and int8 tensors, which remain the only
+    route to its sparse int8 kernels; using them is prunekit's choice, not the caller's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
+        warnings.filterwarnings("ignore", message="Please use quant_min and quant_max")
+        yield
 
 
 class _EnginePackedParams(LinearPackedParams):

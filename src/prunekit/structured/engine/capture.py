@@ -67,6 +67,12 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph
             "Data-dependent Python control flow cannot be captured; move it into a "
             "submodule of a registered layer type or make it depend on shapes only."
         ) from exc
+    names = [n.target for n in graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) > len(names):
+        raise CaptureError(
+            f"example_inputs do not run through the model: {type(model).__name__}.forward takes "
+            f"{len(names)} inputs {names} but got {len(example_inputs)}"
+        )
     gm = fx.GraphModule(model, graph)
     modes = {m: m.training for m in model.modules()}
     try:

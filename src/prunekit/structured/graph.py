@@ -136,15 +136,16 @@ def _branch(path: list[fx.Node], modules: dict[str, nn.Module], calls: Counter) 
 
 def _no_pattern(name: str, path: list[fx.Node], modules: dict[str, nn.Module]) -> UnsupportedError:
     route = " → ".join(_describe(n, modules) for n in path)
-    last = path[-1]
-    hint = ""
-    if ops.node_key(last, modules) is nn.LayerNorm:
-        hint = " (a LayerNorm normalises over the pruned features, so removing them is not exact)"
+    norms = [n for n in path if ops.node_key(n, modules) is nn.LayerNorm]
+    culprit, why = path[-1], "cannot take pruned channels"
+    if norms:
+        culprit = norms[0]
+        why = "normalises over the pruned features, so removing them would not be exact"
     return UnsupportedError(
         f"prune: no pattern covers the output of prepared layer {name!r} along {route}: node "
-        f"{_describe(last, modules)} cannot take pruned channels{hint}. Residual adds, cat and "
-        "reshapes are not handled by the pattern pruner; use prunekit.structured.prune, add a "
-        "pattern, or leave this layer out of the config"
+        f"{_describe(culprit, modules)} {why}. Residual adds, cat and reshapes are not handled "
+        "by the pattern pruner; use prunekit.structured.prune, add a pattern, or leave this "
+        "layer out of the config"
     )
 
 

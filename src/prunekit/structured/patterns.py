@@ -32,6 +32,7 @@ def _conv_patterns(conv: type[nn.Module], rank: int) -> dict[Pattern, Callable[.
         (conv, conv): pf.prune_conv2d_conv2d,
     }
     for act in acts:
+        table[(conv, act, "output")] = pf.prune_conv2d
         table[(conv, act, conv)] = pf.prune_conv2d_activation_conv2d
         for pool in ops.POOLS[rank]:
             table[(conv, act, pool, conv)] = pf.prune_conv2d_activation_pool_conv2d
@@ -47,16 +48,18 @@ def _conv_patterns(conv: type[nn.Module], rank: int) -> dict[Pattern, Callable[.
 
 def default_patterns() -> dict[Pattern, Callable[..., None]]:
     """The reference's patterns, plus the same shapes for Conv1d/Conv3d, activations
-    before an adaptive pool + flatten, and LSTM → output."""
+    before the output or an adaptive pool + flatten, and LSTM → output."""
     table: dict[Pattern, Callable[..., None]] = {
         (nn.Linear, "output"): pf.prune_linear,
         (nn.Linear, nn.Linear): pf.prune_linear_linear,
         (nn.LSTM, operator.getitem, nn.Linear): pf.prune_lstm_output_linear,
         (nn.LSTM, operator.getitem, nn.LayerNorm, nn.Linear): pf.prune_lstm_output_layernorm_linear,
         (nn.LSTM, operator.getitem, "output"): pf.prune_lstm_output,
+        (nn.LSTM, "output"): pf.prune_lstm_output,
     }
     for act in chain(ops.ACTIVATION_FUNCTIONS, ops.ACTIVATION_MODULES):
         table[(nn.Linear, act, nn.Linear)] = pf.prune_linear_activation_linear
+        table[(nn.Linear, act, "output")] = pf.prune_linear
     for rank, conv in enumerate(ops.CONV_TYPES, start=1):
         table.update(_conv_patterns(conv, rank))
     return table

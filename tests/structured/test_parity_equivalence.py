@@ -1,0 +1,200 @@
+"""Equivalence for every chain prune() handles beyond the reference: the pruned model's
+outputs equal the masked model's (eval mode) and the layers really shrink."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit.structured as ps
+
+
+class Chain(nn.Module):
+    """``head(x)`` → ``middle`` (a callable) → ``tail``; only ``head`` is pruned."""
+
+    def __init__(self, head: nn.Module, middle, tail: nn.Module) -> None:
+        super().__init__()
+        self.head, self.tail = head, tail
+        self.middle = middle if isinstance(middle, nn.Module) else nn.Identity()
+        self.fn = None if isinstance(middle, nn.Module) else middle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.middle(self.head(x))
+        return self.tail(h if self.fn is None else self.fn(h))
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -1, 1)
+
+
+def _prune(model: nn.Module, x: torch.Tensor, fqns, prune_bias=True, level=0.5, pruner=None):
+    torch.manual_seed(0)
+    _randomise_bn(model)
+    model.eval()
+    pruner = pruner or ps.SaliencyPruner({"sparsity_level": level})
+    pruner.prepare(model, [{"tensor_fqn": f"{f}.weight", "prune_bias": prune_bias} for f in fqns])
+    pruner.step()
+    with torch.no_grad():
+        masked = model(x)
+        assert pruner.prune() is model
+        pruned = model(x)
+    return masked, pruned
+
+
+def _linear(i, o, bias=True):
+    torch.manual_seed(i * 31 + o)
+    return nn.Linear(i, o, bias=bias)
+
+
+CHAINS = {
+    "linear-dropout-relu": (lambda: nn.Sequential(
+        _linear(6, 8), nn.Dropout(0.3), nn.ReLU(), _linear(8, 3)), (4, 6)),
+    "linear-bn1d-tanh": (lambda: nn.Sequential(
+        _linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), _linear(8, 3)), (4, 6)),
+    "linear-prelu-per-channel": (lambda: nn.Sequential(
+        _linear(6, 8), nn.PReLU(8), _linear(8, 3)), (4, 6)),
+    "torch.relu": (lambda: Chain(_linear(6, 8), torch.relu, _linear(8, 3)), (4, 6)),
+    "x.relu()": (lambda: Chain(_linear(6, 8), lambda h: h.relu(), _linear(8, 3)), (4, 6)),
+    "torch.sigmoid (non-zero constant)": (
+        lambda: Chain(_linear(6, 8, bias=False), torch.sigmoid, _linear(8, 3)), (4, 6)),
+    "leaky_relu with args": (
+        lambda: Chain(_linear(6, 8), lambda h: F.leaky_relu(h, 0.2), _linear(8, 3)), (4, 6)),
+    "conv-bn-relu-conv": (lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3)),
+        (2, 3, 9, 9)),
+    "conv1d-relu-maxpool-conv1d": (lambda: nn.Sequential(
+        nn.Conv1d(3, 8, 3), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(8, 4, 3)), (2, 3, 20)),
+    "conv3d-gelu-conv3d": (lambda: nn.Sequential(
+        nn.Conv3d(2, 6, 3), nn.GELU(), nn.Conv3d(6, 4, 1)), (1, 2, 6, 6, 6)),
+    "conv-relu-adaptivepool-flatten-linear": (lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), _linear(32, 5)),
+        (2, 3, 9, 9)),
+    "conv1d-bn-relu-adaptivepool-flatten-linear": (lambda: nn.Sequential(
+        nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        _linear(8, 5)), (2, 3, 12)),
+}
+
+
+@pytest.mark.parametrize("prune_bias", [True, False], ids=["prune_bias", "fold_bias"])
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_chain_shrinks_and_matches_masked_model(name, prune_bias):
+    make, shape = CHAINS[name]
+    model = make()
+    head = "head" if isinstance(model, Chain) else "0"
+    rows = model.get_submodule(head).weight.shape[0]
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    masked, pruned = _prune(model, x, [head], prune_bias)
+    assert torch.allclose(pruned, masked, rtol=1e-5, atol=1e-5)
+    assert model.get_submodule(head).weight.shape[0] == rows - rows // 2, name
+
+
+class FanOut(nn.Module):
+    """One pruned layer read by two Linears and by the model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = _linear(5, 8), _linear(8, 3), _linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor):
+        h = F.relu(self.a(x))
+        return self.b(h) + self.c(h), h
+
+
+@pytest.mark.parametrize("prune_bias", [True, False])
+def test_fan_out_to_several_consumers_and_the_output(prune_bias):
+    model = FanOut()
+    x = torch.randn(4, 5)
+    (masked, masked_h), (pruned, pruned_h) = _prune(model, x, ["a"], prune_bias)
+    keep = masked_h.abs().sum(0) != 0
+    assert model.b.in_features == model.c.in_features == pruned_h.shape[1] == 4
+    assert torch.allclose(pruned, masked, atol=1e-5)
+    assert torch.allclose(pruned_h, masked_h[:, keep] if prune_bias else pruned_h, atol=1e-5)
+
+
+def test_every_layer_of_a_deep_chain_at_once():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.1),
+        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 6, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    )
+    x = torch.randn(2, 3, 12, 12)
+    masked, pruned = _prune(model, x, ["0", "4", "7"], prune_bias=False)
+    assert [model[i].out_channels for i in (0, 4, 7)] == [4, 4, 3]
+    assert model[1].num_features == 4 and model[11].in_features == 3
+    assert torch.allclose(pruned, masked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_padded_consumer(padding):
+    def make(bias):
+        torch.manual_seed(0)
+        head = nn.Conv2d(3, 8, 3, bias=bias)
+        if bias:
+            nn.init.uniform_(head.bias, 0.5, 1.0)  # pruned channels output relu(b) > 0
+        return nn.Sequential(head, nn.ReLU(), nn.Conv2d(8, 4, 3, padding=padding))
+
+    x = torch.randn(1, 3, 10, 10)
+    # a zero constant is safe to remove even with zero padding
+    model = make(bias=False)
+    masked, pruned = _prune(model, x, ["0"], prune_bias=False)
+    assert model[0].out_channels == 4 and torch.allclose(pruned, masked, atol=1e-5)
+    # a non-zero constant would be wrong at the borders: full width, mask baked in
+    model = make(bias=True)
+    masked, pruned = _prune(model, x, ["0"], prune_bias=False)
+    assert model[0].out_channels == 8 and model[2].in_channels == 8
+    assert int((model[0].weight.flatten(1).abs().sum(1) == 0).sum()) == 4
+    assert torch.allclose(pruned, masked, atol=1e-5)
+
+
+def test_reflect_padding_keeps_constants_so_it_shrinks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 4, 3, padding=1,
+                                                                   padding_mode="reflect"))
+    x = torch.randn(1, 3, 10, 10)
+    masked, pruned = _prune(model, x, ["0"], prune_bias=False)
+    assert model[0].out_channels == 4 and torch.allclose(pruned, masked, atol=1e-5)
+
+
+def test_fpgm_prunes_every_layer_of_a_conv_net():
+    model = nn.Sequential(nn.Conv2d(3, 10, 3), nn.ReLU(), nn.Conv2d(10, 10, 3), nn.ReLU(),
+                          nn.Conv2d(10, 2, 1))
+    x = torch.randn(2, 3, 9, 9)
+    masked, pruned = _prune(model, x, ["0", "2", "4"], pruner=ps.FPGMPruner(0.3))
+    assert [model[i].out_channels for i in (0, 2, 4)] == [7, 7, 1]
+    keep = masked.abs().sum((0, 2, 3)) != 0  # the output layer's pruned channel is all zero
+    assert pruned.shape[1] == 1 and torch.allclose(pruned, masked[:, keep], atol=1e-5)
+
+
+@pytest.mark.parametrize("prune_bias", [True, False])
+def test_prune_functions_called_directly(prune_bias):
+    model = nn.Sequential(_linear(6, 8), nn.ReLU(), _linear(8, 3))
+    pruner = ps.SaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(model, [{"tensor_fqn": "0.weight", "prune_bias": prune_bias}])
+    pruner.step()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        masked = model(x)
+        ps.prune_linear_activation_linear(model[0], F.relu, model[2])
+        assert torch.allclose(model(x), masked, atol=1e-5)
+    assert model[0].out_features == 4 and not hasattr(model[0], "parametrizations")
+
+
+def test_prune_conv2d_padded_keeps_width_and_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 2, 3, padding=1))
+    pruner = ps.SaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(model, [{"tensor_fqn": "0.weight", "prune_bias": False}])
+    pruner.step()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        masked = model(x)
+        ps.prune_conv2d_padded(model[0])
+        assert torch.allclose(model(x), masked, atol=1e-6)
+    assert model[0].out_channels == 6 and model[0].bias is not None

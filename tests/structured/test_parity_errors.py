@@ -72,7 +72,7 @@ class LinearNorm(nn.Module):
 
 CASES = {
     "residual add": (Residual, ["a"], r"along 'relu' \(relu\) → 'add' \(add\): node 'add'"),
-    "data-dependent control flow": (DataDependent, ["a"], r"torch.fx could not trace DataDependent"),
+    "data-dependent control flow": (DataDependent, ["a"], r"torch.fx could not trace DataDep"),
     "shared module": (Shared, ["a"], r"prepared layer 'a' is called 2 times"),
     "layernorm over pruned features": (LinearNorm, ["a"], r"'norm' \(LayerNorm\).*normalises"),
     "grouped conv consumer": (

@@ -4,6 +4,15 @@ Every name of ``torch.ao.pruning`` is exported here with the same signature, so 
 written for the reference runs after changing only its import.
 """
 
+from prunekit.accuracy import (
+    GlobalSparsifier,
+    SensitivityTable,
+    allocate,
+    finetune,
+    gradual_prune,
+    keep_masks,
+    sensitivity_scan,
+)
 from prunekit.errors import (
     ConfigError,
     ConfigTypeError,
@@ -41,23 +50,30 @@ __all__ = [
     "CubicSL",
     "FakeSparsity",
     "FqnError",
+    "GlobalSparsifier",
     "LambdaSL",
     "NearlyDiagonalSparsifier",
     "PruneKitError",
+    "SensitivityTable",
     "SparseGPTSparsifier",
     "StateDictError",
     "StateError",
     "UnsupportedError",
     "WandaSparsifier",
     "WeightNormSparsifier",
+    "allocate",
+    "finetune",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",
     "get_dynamic_sparse_quantized_mapping",
     "get_static_sparse_quantized_mapping",
+    "gradual_prune",
+    "keep_masks",
     "load",
     "module_contains_param",
     "module_to_fqn",
     "oneshot",
     "save",
+    "sensitivity_scan",
     "swap_module",
 ]

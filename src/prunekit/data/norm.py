@@ -37,7 +37,9 @@ def data_norm_mask(
     block = tuple(sparse_block_shape)
     zeros = math.prod(block) if zeros_per_block is None else zeros_per_block
     matrix = as_matrix(data.detach().squeeze())
-    keep = weight_norm_mask(matrix, sparsity_level, block, zeros, _NORMS[norm], clamp_blocks=False)
+    keep = weight_norm_mask(
+        matrix, sparsity_level, block, zeros, _NORMS[norm], clamp_blocks=False, ties_first=True
+    )
     return keep.reshape(data.shape)
 
 

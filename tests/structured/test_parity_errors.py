@@ -10,7 +10,7 @@ from torch import nn
 from torch.ao.quantization.utils import MatchAllNode
 
 import prunekit.structured as ps
-from prunekit.errors import StateError, UnsupportedError
+from prunekit.errors import StateDictError, StateError, UnsupportedError
 from prunekit.structured.patterns import PatternIndex
 
 
@@ -187,3 +187,42 @@ def test_prune_twice_is_a_no_op():
     pruner.prune()
     assert model[0].out_features == 3 and model[2].in_features == 3
     assert pruner.prune() is model and model[0].out_features == 3
+
+
+def test_state_dict_round_trip_into_a_prepared_model():
+    def prepared(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        pruner = ps.SaliencyPruner({"sparsity_level": 0.5})
+        pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
+        return model, pruner
+
+    _, pruner = prepared(0)
+    pruner.step()
+    saved = pruner.state_dict()
+    other_model, other = prepared(1)
+    other.load_state_dict(saved)
+    assert torch.equal(other.state["0.weight"]["mask"], pruner.state["0.weight"]["mask"])
+    assert other.state["0.weight"]["mask"] is other_model[0].parametrizations.weight[0].mask
+    bad = {"state": {"0.weight": {"mask": torch.ones(6, 4, dtype=torch.bool)}},
+           "groups": saved["groups"]}
+    with pytest.raises(StateDictError, match=r"row mask for '0.weight' has shape \(6, 4\), "
+                                             r"expected \(6,\)"):
+        other.load_state_dict(bad)
+    with pytest.raises(StateDictError, match="has no FakeStructuredSparsity"):
+        ps.SaliencyPruner({"sparsity_level": 0.5}).load_state_dict(
+            saved, model=nn.Sequential(nn.Linear(4, 6)))
+
+
+def test_squash_mask_bakes_rows_and_lstm_bias_masks():
+    model = nn.Sequential(nn.LSTM(3, 4))
+    mask = torch.tensor([True, False, True, True]).repeat(4)
+    pruner = ps.SaliencyPruner({"sparsity_level": 0.0})
+    pruner.prepare(model, [{"tensor_fqn": "0.weight_ih_l0", "mask": mask}])
+    x = torch.randn(5, 1, 3)
+    with torch.no_grad():
+        masked = model(x)[0]
+        pruner.squash_mask()
+        assert torch.allclose(model(x)[0], masked)
+    assert not hasattr(model[0], "parametrizations")
+    assert torch.equal(model[0].bias_ih_l0[~mask], torch.zeros(4))

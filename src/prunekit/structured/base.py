@@ -17,13 +17,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.errors import ConfigError, ConfigTypeError, StateError
+from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateDictError, StateError
+from prunekit.fqn import resolve_tensor_fqn
 from prunekit.parametrization import module_contains_param
 from prunekit.sparsifier.base import BaseSparsifier
 from prunekit.structured import ops
 from prunekit.structured.graph import plan_prune
 from prunekit.structured.parametrization import BiasHook, FakeStructuredSparsity
 from prunekit.structured.patterns import PatternIndex, default_patterns
+from prunekit.structured.shrink import structured_mask
 
 __all__ = ["SUPPORTED_STRUCTURED_PRUNING_MODULES", "BaseStructuredSparsifier"]
 
@@ -148,6 +150,53 @@ class BaseStructuredSparsifier(BaseSparsifier):
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         """Update the row mask of ``module.<tensor_name>`` in place."""
+
+    # -- squash and load ---------------------------------------------------------------------
+    def squash_mask(self, *args: Any, **kwargs: Any) -> None:
+        """As ``BaseSparsifier.squash_mask`` (weights keep full width, masked rows zero);
+        the bias masks of LSTMs are baked too."""
+        super().squash_mask(*args, **kwargs)
+        for group in self.groups:
+            module = group["module"]
+            if isinstance(module, nn.LSTM) and parametrize.is_parametrized(module):
+                for name in list(module.parametrizations.keys()):
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+    def _masks_to_load(self, model: nn.Module, states: dict, strict: bool) -> dict:
+        """Row masks load into a model prepared with the same config (copied in place)."""
+        masks = {}
+        for fqn, entry in states.items():
+            if entry.get("mask") is None:
+                continue
+            try:
+                info = resolve_tensor_fqn(model, fqn)
+            except FqnError as err:
+                if strict:
+                    raise StateDictError(f"load_state_dict: {err}") from None
+                continue
+            module, name, mask = info["module"], info["tensor_name"], entry["mask"]
+            holder = structured_mask(module, name)
+            if holder is None:
+                raise StateDictError(
+                    f"load_state_dict: {fqn!r} has no FakeStructuredSparsity; prepare(model, "
+                    "config) with the same config before loading row masks"
+                )
+            if not isinstance(mask, torch.Tensor) or mask.shape != holder.shape:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise StateDictError(
+                    f"load_state_dict: row mask for {fqn!r} has shape {got}, expected "
+                    f"{tuple(holder.shape)}"
+                )
+            masks[fqn] = (module, name, mask.to(holder.device) != 0)
+        return masks
+
+    @staticmethod
+    def _install_mask(*args: Any) -> torch.Tensor:
+        """``(..., module, tensor_name, mask)``: copy the mask into the row mask in place."""
+        module, name, mask = args[-3:]
+        holder = structured_mask(module, name)
+        holder.copy_(mask)
+        return holder
 
 
 def _check_row_mask(i: int, fqn: str, mask: Any, tensor: torch.Tensor) -> None:

@@ -66,12 +66,14 @@ def block_means(
     rows, cols = matrix.shape
     if bh * bw == 1:
         return _scores(matrix, norm_fn)
-    parts = []
+    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    out = torch.empty(-(-rows // bh), -(-cols // bw), dtype=dtype, device=matrix.device)
     chunks = _row_chunks(rows, cols, bh)
     for r0 in chunks:
         s = _scores(matrix[r0 : r0 + chunks.step], norm_fn)
-        parts.append(F.avg_pool2d(s[None, None], block_shape, block_shape, ceil_mode=True)[0, 0])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        means = F.avg_pool2d(s[None, None], block_shape, block_shape, ceil_mode=True)[0, 0]
+        out[r0 // bh : r0 // bh + means.shape[0]] = means
+    return out
 
 
 def _kth_smallest_(values: torch.Tensor, k: int) -> float:
@@ -101,8 +103,11 @@ def _select(
     missing = k - int(chosen.count_nonzero())
     if missing > 0:
         ties = flat.isnan() if nan else flat == threshold
-        tied = ties.nonzero().squeeze(1)
-        chosen[tied[:missing] if ties_first else tied[-missing:]] = True
+        if int(ties.count_nonzero()) == missing:
+            chosen |= ties  # e.g. blocks pruned at an earlier step, all at score 0
+        else:
+            tied = ties.nonzero().squeeze(1)
+            chosen[tied[:missing] if ties_first else tied[-missing:]] = True
     return chosen.view(values.shape)
 
 

@@ -145,6 +145,7 @@ def _pruned_blocks(
     if block_shape[0] * block_shape[1] == 1 and not shares_weight:
         # the scores are the weight's own size: reorder them in place, then score again
         threshold = _kth_smallest_(means.reshape(-1), k)
+        del means  # free the reordered copy before scoring again
         means = block_means(matrix, norm_fn, block_shape)
     else:
         threshold = _kth_smallest_(means.flatten().clone(), k)

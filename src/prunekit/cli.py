@@ -8,10 +8,11 @@ one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import yaml
@@ -107,21 +108,34 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup(args: argparse.Namespace) -> None:
-    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+@contextlib.contextmanager
+def _session(args: argparse.Namespace) -> Iterator[None]:
+    """Logging, threads and seeds for one command, restored afterwards (tests and other
+    callers of ``main`` in the same process keep their settings)."""
+    log = logging.getLogger("prunekit")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level, threads = log.level, torch.get_num_threads()
+    log.setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
+    log.addHandler(handler)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (2 for user mistakes, one line on stderr)."""
     args = _build_parser().parse_args(argv)
     try:
-        _setup(args)
-        return args.func(args)
+        with _session(args):
+            return args.func(args)
     except (PruneKitError, OSError, yaml.YAMLError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"prunekit {args.command}: error: {message}", file=sys.stderr)

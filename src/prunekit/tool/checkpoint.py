@@ -252,6 +252,21 @@ def _read_weights(path: Path, aliases: dict[str, str]) -> dict[str, torch.Tensor
     return tensors
 
 
+def _replay_plans(model: nn.Module, plans: list[dict[str, Any]]) -> int:
+    """Apply recorded structured plans with the engine that made them (each plan checks
+    every shape before it slices). Without the engine, the per-module diff that follows
+    rebuilds the same shapes, so the plans are only kept as a record."""
+    try:
+        from prunekit.structured.engine import PrunePlan
+        from prunekit.structured.engine.plan import FORMAT as PLAN_FORMAT
+    except ImportError:
+        return 0
+    ours = [p for p in plans if isinstance(p, dict) and p.get("format") == PLAN_FORMAT]
+    for plan in ours:
+        PrunePlan.from_dict(model, plan).apply()
+    return len(ours)
+
+
 def _check_weights(model: nn.Module, structure: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Keys must match the model's state_dict and shapes the recorded structure."""
     keys = set(model.state_dict())
@@ -278,11 +293,13 @@ def load(
     structure = read_structure(path)
     tensors = _read_weights(Path(path), structure.get("aliases", {}))
     model = _build(factory_or_model)
-    edits = _plan_changes(model, structure)
+    _plan_changes(model, structure)  # raises on a foreign architecture, before any change
     _check_weights(model, structure, tensors)
+    replayed = _replay_plans(model, structure.get("plans", []))
+    edits = _plan_changes(model, structure)
     for edit in edits:
         _apply(edit)
-    _log.info("load: replayed %d structural changes", len(edits))
+    _log.info("load: replayed %d structured plans and %d other changes", replayed, len(edits))
     model.load_state_dict(tensors, strict=True)
     if structure.get("plans"):
         setattr(model, PLANS_ATTR, list(structure["plans"]))

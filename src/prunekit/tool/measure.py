@@ -114,9 +114,18 @@ def latency_ms(model: nn.Module, inputs: tuple, repeats: int = 30) -> float:
     return 1000.0 * statistics.median(times)
 
 
+def _eval_mode(model: nn.Module) -> None:
+    """Inference mode for measuring; a ``torch.export`` module refuses ``eval()`` because
+    it always runs as exported, so it is left as it is."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        return
+
+
 def summarize(model: nn.Module, inputs: tuple, repeats: int = 30) -> Summary:
     """Parameters, nonzeros, MACs, checkpoint size and latency of ``model`` on ``inputs``."""
-    model.eval()
+    _eval_mode(model)
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
     size, packed = disk_size(model)

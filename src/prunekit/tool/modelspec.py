@@ -8,6 +8,7 @@ Files are read without pickle: weights through safetensors, programs through
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +77,18 @@ def _load_weights(model: nn.Module, weights: str) -> None:
 
 
 def _load_exported(path: str) -> LoadedModel:
+    if not Path(path).is_file():
+        raise ConfigError(f"model '{path}': no such file")
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.CRITICAL)  # torch logs a traceback before it raises
     try:
         program = torch.export.load(path)
-    except FileNotFoundError:
-        raise ConfigError(f"model '{path}': no such file") from None
     except Exception as exc:  # torch.export raises many types for a bad archive
         raise ConfigError(f"model '{path}': not a torch.export program ({type(exc).__name__})") \
             from None
+    finally:
+        export_log.setLevel(level)
     args, kwargs = program.example_inputs or ((), {})
 
     def factory() -> nn.Module:

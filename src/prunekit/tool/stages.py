@@ -19,9 +19,9 @@ from prunekit.tool.checkpoint import record_plan
 
 __all__ = ["backend", "oneshot_stage", "prunable_weights", "structured_stage", "unstructured_stage"]
 
-_BACKENDS = {
-    "structured": ("prunekit.structured", "prune"),
-    "oneshot": ("prunekit.oneshot", "oneshot"),
+_BACKENDS = {  # where each stage's function may live, in order of preference
+    "structured": (("prunekit.structured", "prune"), ("prunekit.structured.engine", "prune")),
+    "oneshot": (("prunekit.oneshot", "oneshot"),),
 }
 _LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 
@@ -29,18 +29,18 @@ _LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "
 def backend(kind: str) -> Callable[..., Any]:
     """The function behind a structured or one-shot stage, or a one-line error saying
     that this installation lacks it."""
-    module_name, attr = _BACKENDS[kind]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        module = None
-    fn = getattr(module, attr, None)
-    if module is None or not callable(fn):
-        raise UnsupportedError(
-            f"{kind} stage: this prunekit installation has no {module_name}.{attr}; "
-            f"remove the {kind} stage or upgrade prunekit"
-        )
-    return fn
+    for module_name, attr in _BACKENDS[kind]:
+        try:
+            fn = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError:
+            fn = None
+        if callable(fn):
+            return fn
+    module_name, attr = _BACKENDS[kind][0]
+    raise UnsupportedError(
+        f"{kind} stage: this prunekit installation has no {module_name}.{attr}; "
+        f"remove the {kind} stage or upgrade prunekit"
+    )
 
 
 def _graph_layers(model: torch.fx.GraphModule) -> dict[str, str]:
@@ -113,14 +113,6 @@ def unstructured_stage(model: nn.Module, sparsity: float, *, steps: int = 1,
     return levels
 
 
-def _plan_description(plan: Any) -> dict[str, Any] | None:
-    for name in ("to_dict", "describe", "as_dict", "to_json"):
-        method = getattr(plan, name, None)
-        if callable(method):
-            return method()
-    return None
-
-
 def structured_stage(model: nn.Module, example_inputs: tuple, ratio: float,
                      importance: str | None = None, ignore: Sequence[str] = ()) -> Any:
     """Channel pruning by ``ratio`` through ``prunekit.structured.prune``; the applied
@@ -133,9 +125,7 @@ def structured_stage(model: nn.Module, example_inputs: tuple, ratio: float,
         kwargs["ignored_layers"] = list(ignore)
     plan = prune(model, example_inputs, **kwargs)
     plan.apply()
-    description = _plan_description(plan)
-    if description is not None:
-        record_plan(model, description)
+    record_plan(model, plan.to_dict())
     return plan
 
 

@@ -10,6 +10,8 @@ the multiply, so the result is always ``mask * original``.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -20,12 +22,13 @@ __all__ = ["FakeSparsity", "is_dtensor", "module_contains_param"]
 
 
 def is_dtensor(t: object) -> bool:
-    """True for a ``DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+    """True for a ``DTensor`` (e.g. a parameter sharded by FSDP2's ``fully_shard``).
 
-    return isinstance(t, DTensor)
+    Looked up, not imported: importing ``torch.distributed.tensor`` takes seconds, and no
+    tensor can be a DTensor before someone else has imported it.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _shard_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,10 @@ class BaseScheduler:
 
     def __init__(self, sparsifier: BaseSparsifier, last_epoch: int = -1, verbose: bool = False):
         check_sparsifier(type(self).__name__, sparsifier)
+        if isinstance(last_epoch, bool) or not isinstance(last_epoch, int):
+            raise ConfigTypeError(
+                f"{type(self).__name__}: last_epoch must be an int, got {last_epoch!r}"
+            )
         self.sparsifier = sparsifier
         self.base_sl = [group["sparsity_level"] for group in sparsifier.groups]
         self.last_epoch = last_epoch

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, ConfigTypeError
 from prunekit.scheduler.base import BaseScheduler, check_sparsifier
+from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.base import BaseSparsifier
 
 __all__ = ["CubicSL"]
@@ -45,13 +48,29 @@ class CubicSL(BaseScheduler):
         self.delta_t = self._make_sure_a_list(delta_t)
         self.total_t = self._make_sure_a_list(total_t)
         self.initially_zero = self._make_sure_a_list(initially_zero)
-        for i, (dt, n) in enumerate(zip(self.delta_t, self.total_t, strict=False)):
+        lists = (self.init_sl, self.init_t, self.delta_t, self.total_t, self.initially_zero)
+        for i, args in enumerate(zip(*lists, strict=True)):
+            self._check_types(i, *args)
+            dt, n = args[2:4]
             if not dt > 0 or not n > 0:
                 raise ConfigError(
                     f"CubicSL group {i}: delta_t and total_t must be positive, got "
                     f"delta_t={dt!r}, total_t={n!r}"
                 )
         super().__init__(sparsifier, last_epoch, verbose)
+
+    @staticmethod
+    def _check_types(i: int, s_0: Any, t_0: Any, dt: Any, n: Any, initially_zero: Any) -> None:
+        """Checked up front: a bad value would otherwise fail inside the first ``step()``."""
+        where = f"CubicSL group {i}"
+        check_level(where, "init_sl", s_0)
+        for key, value in (("init_t", t_0), ("delta_t", dt), ("total_t", n)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigTypeError(f"{where}: {key} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: {key} must be finite, got {value!r}")
+        if not isinstance(initially_zero, bool):
+            raise ConfigTypeError(f"{where}: initially_zero must be a bool, got {initially_zero!r}")
 
     @staticmethod
     def sparsity_compute_fn(

@@ -6,6 +6,7 @@ hold it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,12 +102,11 @@ def check_not_ddp_wrapped(where: str, model: nn.Module) -> None:
     """Refuse to prepare inside ``DistributedDataParallel``: ``parametrize`` calls
     ``original.set_(original)``, which gives the parameter a new gradient accumulator, so
     the hooks DDP registered at wrap time never fire and DDP stops reducing gradients."""
-    if not torch.distributed.is_available():
+    ddp = sys.modules.get("torch.nn.parallel.distributed")  # no import: see is_dtensor
+    if ddp is None:
         return
-    from torch.nn.parallel import DistributedDataParallel
-
     for fqn, module in model.named_modules():
-        if isinstance(module, DistributedDataParallel):
+        if isinstance(module, ddp.DistributedDataParallel):
             raise UnsupportedError(
                 f"{where}: {fqn or 'the model'!r} is wrapped in DistributedDataParallel, which "
                 "would stop reducing the sparsified weights' gradients; call "

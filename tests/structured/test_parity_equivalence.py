@@ -3,9 +3,14 @@ outputs equal the masked model's (eval mode) and the layers really shrink."""
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import prunekit.structured as ps
@@ -198,3 +203,42 @@ def test_prune_conv2d_padded_keeps_width_and_outputs():
         ps.prune_conv2d_padded(model[0])
         assert torch.allclose(model(x), masked, atol=1e-6)
     assert model[0].out_channels == 6 and model[0].bias is not None
+
+
+_ACTS = [nn.ReLU(), nn.Tanh(), nn.Sigmoid(), nn.GELU(), nn.Identity()]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 9), min_size=2, max_size=4),
+    acts=st.lists(st.integers(0, len(_ACTS) - 1), min_size=3, max_size=3),
+    level=st.floats(0.0, 0.9), prune_bias=st.booleans(), bn=st.booleans(), seed=st.integers(0, 99),
+)
+def test_property_random_conv_chains_are_exact(widths, acts, level, prune_bias, bn, seed):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    channels = [3, *widths]
+    for i, (cin, cout) in enumerate(itertools.pairwise(channels)):
+        layers.append(nn.Conv2d(cin, cout, 3 if i % 2 == 0 else 1))
+        if bn:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(copy.deepcopy(_ACTS[acts[i % len(acts)]]))
+    model = nn.Sequential(*layers, nn.Conv2d(channels[-1], 2, 1))
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][:-1]
+    x = torch.randn(2, 3, 8, 8)
+    masked, pruned = _prune(model, x, heads, prune_bias, level=level)
+    assert torch.allclose(pruned, masked, rtol=1e-4, atol=1e-5)
+    assert [model.get_submodule(h).out_channels for h in heads] == [
+        w - int(w * level) for w in widths
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prune_on_cuda():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).cuda()
+    x = torch.randn(2, 3, 9, 9, device="cuda")
+    masked, pruned = _prune(model, x, ["0", "3"], prune_bias=False)
+    assert model[0].weight.is_cuda and model[0].out_channels == 4
+    assert torch.allclose(pruned, masked, rtol=1e-4, atol=1e-4)

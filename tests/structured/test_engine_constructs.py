@@ -119,7 +119,9 @@ def test_grouped_convs_lose_whole_groups() -> None:
     prune(model, x, ratio=0.5).apply()
     assert model.dw.groups == model.pw.out_channels == model.dw.in_channels
     assert model.dw.out_channels == 2 * model.dw.groups
-    assert model.gc.in_channels % model.gc.groups == 0 and model.gc.in_channels // model.gc.groups == 4
+    assert (
+        model.gc.in_channels % model.gc.groups == 0 and model.gc.in_channels // model.gc.groups == 4
+    )
 
 
 def test_layernorm_is_reported_inexact() -> None:

@@ -34,25 +34,59 @@ X = torch.randn(1, 3, 16, 16)
 @pytest.mark.parametrize(
     ("model", "kwargs", "error", "match"),
     [
-        (DataDependent(), {"example_inputs": torch.randn(2, 4)}, CaptureError,
-         r"torch.fx could not trace DataDependent: .*control flow"),
-        (_model(), {"example_inputs": torch.randn(1, 5, 16, 16)}, CaptureError,
-         r"module 'stem.0' .*expected input\[1, 5, 16, 16\] to have 3 channels"),
+        (
+            DataDependent(),
+            {"example_inputs": torch.randn(2, 4)},
+            CaptureError,
+            r"torch.fx could not trace DataDependent: .*control flow",
+        ),
+        (
+            _model(),
+            {"example_inputs": torch.randn(1, 5, 16, 16)},
+            CaptureError,
+            r"module 'stem.0' .*expected input\[1, 5, 16, 16\] to have 3 channels",
+        ),
         (_model(), {"example_inputs": (X, X)}, CaptureError, r"example_inputs do not run"),
-        (_model(), {"example_inputs": X, "ratio": 1.0}, ConfigError, r"ratio must be .*\[0, 1\), got 1.0"),
+        (
+            _model(),
+            {"example_inputs": X, "ratio": 1.0},
+            ConfigError,
+            r"ratio must be .*\[0, 1\), got 1.0",
+        ),
         (_model(), {"example_inputs": X, "ratio": -0.1}, ConfigError, r"got -0.1"),
-        (_model(), {"example_inputs": X, "ignored_layers": ["stages.0.conv"]}, FqnError,
-         r"'stages.0.conv' is not a module of the model; did you mean \[.*'stages.0.conv1'"),
-        (_model(), {"example_inputs": X, "ignored_layers": [nn.Linear(2, 2)]}, FqnError,
-         r"ignored layer Linear is not a submodule"),
-        (_model(), {"example_inputs": X, "round_to": 32}, ConfigError,
-         r"round_to=32 cannot be met by the group of width 8 \(first member stem.0.weight\[0\]\)"),
+        (
+            _model(),
+            {"example_inputs": X, "ignored_layers": ["stages.0.conv"]},
+            FqnError,
+            r"'stages.0.conv' is not a module of the model; did you mean \[.*'stages.0.conv1'",
+        ),
+        (
+            _model(),
+            {"example_inputs": X, "ignored_layers": [nn.Linear(2, 2)]},
+            FqnError,
+            r"ignored layer Linear is not a submodule",
+        ),
+        (
+            _model(),
+            {"example_inputs": X, "round_to": 32},
+            ConfigError,
+            r"round_to=32 cannot be met by the group of width 8 "
+            r"\(first member stem.0.weight\[0\]\)",
+        ),
         (_model(), {"example_inputs": X, "round_to": 0}, ConfigError, r"round_to must be .* got 0"),
-        (_model(), {"example_inputs": X, "importance": "l3"}, ConfigError,
-         r"unknown importance 'l3'; expected one of \['bn_scale', 'fpgm', 'l1', 'l2'"),
+        (
+            _model(),
+            {"example_inputs": X, "importance": "l3"},
+            ConfigError,
+            r"unknown importance 'l3'; expected one of \['bn_scale', 'fpgm', 'l1', 'l2'",
+        ),
         (_model(), {"example_inputs": X, "importance": 3}, ConfigTypeError, r"got int"),
-        (_model(), {"example_inputs": X, "importance": "taylor"}, ConfigError,
-         r"stem.0.weight has no .grad; run loss.backward\(\)"),
+        (
+            _model(),
+            {"example_inputs": X, "importance": "taylor"},
+            ConfigError,
+            r"stem.0.weight has no .grad; run loss.backward\(\)",
+        ),
         (_model(), {"example_inputs": X, "min_channels": 0}, ConfigError, r"min_channels .* got 0"),
     ],
 )
@@ -83,8 +117,10 @@ def test_apply_twice_or_on_a_changed_model_refuses_without_changing_it() -> None
     before = snapshot(model)
     with pytest.raises(StateError, match="applied already"):
         plan.apply()
-    with pytest.raises(StateError, match=r"plan entry stem.0.weight expects dim 0 of size 8 but .* \(4, 3, 7, 7\)"):
+    with pytest.raises(
+        StateError, match=r"plan entry stem.0.weight expects dim 0 of size 8 but .* \(4, 3, 7, 7\)"
+    ):
         PrunePlan.from_dict(model, data).apply()
     assert_unchanged(before, model)
-    with pytest.raises(ConfigError, match="not a version-1 prunekit.structured.plan"):
+    with pytest.raises(ConfigError, match=r"not a version-1 prunekit\.structured\.plan"):
         PrunePlan.from_dict(model, {"format": "other"})

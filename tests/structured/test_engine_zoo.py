@@ -75,5 +75,9 @@ def test_print_shows_groups_kept_channels_and_savings() -> None:
     assert "stem.0.weight[0]" in text
     assert all(g.params_saved > 0 and g.macs_saved > 0 for g in plan.groups)
     residual = next(g for g in plan.groups if "stem.0.weight[0]" in g.members)
-    assert {"stages.0.conv2.weight[0]", "stages.1.conv2.weight[0]", "stages.2.conv1.weight[1]",
-            "stages.2.down.0.weight[1]"} <= set(residual.members)  # stem + stage-1 residual
+    assert {
+        "stages.0.conv2.weight[0]",
+        "stages.1.conv2.weight[0]",
+        "stages.2.conv1.weight[1]",
+        "stages.2.down.0.weight[1]",
+    } <= set(residual.members)  # stem + stage-1 residual

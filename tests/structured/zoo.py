@@ -22,7 +22,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -35,13 +37,20 @@ class Bottleneck(nn.Module):
         super().__init__()
         cout = mid * 4
         self.body = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-            nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(),
+            nn.Conv2d(mid, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
         self.down = nn.Identity()
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.body(x) + self.down(x))
@@ -50,11 +59,20 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]) or ResNet-50-style (Bottleneck, [3, 4, 6, 3])."""
 
-    def __init__(self, block: str = "basic", layers: tuple[int, ...] = (2, 2, 2, 2),
-                 width: int = 64, classes: int = 1000) -> None:
+    def __init__(
+        self,
+        block: str = "basic",
+        layers: tuple[int, ...] = (2, 2, 2, 2),
+        width: int = 64,
+        classes: int = 1000,
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
         stages, cin = [], width
         for i, n in enumerate(layers):
             w = width * 2**i
@@ -80,10 +98,14 @@ class InvertedResidual(nn.Module):
         hidden = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,13 +115,24 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """MobileNetV2-style: inverted residuals with depthwise 3x3 convs."""
 
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
 
     def __init__(self, width_mult: float = 1.0, classes: int = 1000, last: int = 1280) -> None:
         super().__init__()
         cin = int(32 * width_mult)
-        layers: list[nn.Module] = [nn.Conv2d(3, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, cin, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(cin),
+            nn.ReLU6(),
+        ]
         for t, c, n, s in self.SETTINGS:
             cout = int(c * width_mult)
             for i in range(n):
@@ -124,7 +157,9 @@ class DenseBlockNet(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(layers):
             c = cin + i * growth
-            self.layers.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, growth, 3, padding=1)))
+            self.layers.append(
+                nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, growth, 3, padding=1))
+            )
         total = cin + layers * growth
         self.transition = nn.Conv2d(total, 16, 1)
         self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
@@ -151,8 +186,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         att = (q @ k.transpose(-2, -1) / self.head_dim**0.5).softmax(-1)
         return self.o_proj((att @ v).transpose(1, 2).reshape(b, t, -1))
 
@@ -172,8 +209,16 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
     """ViT-style encoder: patch conv, cls token, position embedding, pre-norm blocks."""
 
-    def __init__(self, image: int = 32, patch: int = 8, dim: int = 32, depth: int = 2,
-                 heads: int = 4, mlp: int = 64, classes: int = 10) -> None:
+    def __init__(
+        self,
+        image: int = 32,
+        patch: int = 8,
+        dim: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        mlp: int = 64,
+        classes: int = 10,
+    ) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -206,12 +251,18 @@ class LSTMNet(nn.Module):
 def small_zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
     """name -> (model factory, example input factory), sized for fast tests."""
     return {
-        "resnet18": (lambda: ResNet("basic", (2, 2, 2, 2), width=8, classes=10),
-                     lambda: torch.randn(2, 3, 32, 32)),
-        "resnet50": (lambda: ResNet("bottleneck", (1, 1, 1, 1), width=4, classes=10),
-                     lambda: torch.randn(2, 3, 32, 32)),
-        "mobilenetv2": (lambda: MobileNetV2(0.25, classes=10, last=64),
-                        lambda: torch.randn(2, 3, 32, 32)),
+        "resnet18": (
+            lambda: ResNet("basic", (2, 2, 2, 2), width=8, classes=10),
+            lambda: torch.randn(2, 3, 32, 32),
+        ),
+        "resnet50": (
+            lambda: ResNet("bottleneck", (1, 1, 1, 1), width=4, classes=10),
+            lambda: torch.randn(2, 3, 32, 32),
+        ),
+        "mobilenetv2": (
+            lambda: MobileNetV2(0.25, classes=10, last=64),
+            lambda: torch.randn(2, 3, 32, 32),
+        ),
         "densenet": (DenseBlockNet, lambda: torch.randn(2, 3, 8, 8)),
         "vit": (ViT, lambda: torch.randn(2, 3, 32, 32)),
         "lstm": (LSTMNet, lambda: torch.randint(0, 50, (2, 7))),
@@ -227,8 +278,13 @@ class _MaskedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = x.index_select(-1, self.keep)
-        y = F.layer_norm(kept, (self.keep.numel(),), self.ln.weight[self.keep],
-                         self.ln.bias[self.keep], self.ln.eps)
+        y = F.layer_norm(
+            kept,
+            (self.keep.numel(),),
+            self.ln.weight[self.keep],
+            self.ln.bias[self.keep],
+            self.ln.eps,
+        )
         return torch.zeros_like(x).index_copy(-1, self.keep, y)
 
 
@@ -244,11 +300,15 @@ def masked_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:
     for fqn in plan.inexact:
         keep = next(torch.tensor(s.keep) for s in plan.slices if s.owner == fqn)
         parent, _, name = fqn.rpartition(".")
-        setattr(masked.get_submodule(parent), name, _MaskedLayerNorm(masked.get_submodule(fqn), keep))
+        setattr(
+            masked.get_submodule(parent), name, _MaskedLayerNorm(masked.get_submodule(fqn), keep)
+        )
     return masked
 
 
-def check_equivalent(model: nn.Module, example: torch.Tensor, rtol: float = 1e-5, **kwargs: object) -> PrunePlan:
+def check_equivalent(
+    model: nn.Module, example: torch.Tensor, rtol: float = 1e-5, **kwargs: object
+) -> PrunePlan:
     """Plan with ``kwargs``, apply, and assert the shrunk model matches the masked oracle
     on a fresh input of the example's shape; returns the applied plan."""
     from prunekit.structured.engine import prune

@@ -6,6 +6,7 @@ Reference-compatible pruners (``torch.ao.pruning._experimental.pruner``): row ma
 """
 
 from prunekit.structured.base import BaseStructuredSparsifier
+from prunekit.structured.engine import PrunePlan, prune
 from prunekit.structured.parametrization import BiasHook, FakeStructuredSparsity
 from prunekit.structured.patterns import default_patterns
 from prunekit.structured.prune_functions import (
@@ -32,8 +33,10 @@ __all__ = [
     "FPGMPruner",
     "FakeStructuredSparsity",
     "LSTMSaliencyPruner",
+    "PrunePlan",
     "SaliencyPruner",
     "default_patterns",
+    "prune",
     "prune_conv2d",
     "prune_conv2d_activation_conv2d",
     "prune_conv2d_activation_pool_conv2d",

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
@@ -52,9 +51,14 @@ def prune(
     check_round_to(channels.groups, round_to or 1)
     scores = class_scores(model, channels, criterion)
     pruned = select(channels.groups, scores, ratio, round_to or 1, min_channels, global_pruning)
-    settings = {"ratio": ratio, "importance": getattr(criterion, "name", type(criterion).__name__),
-                "ignored_layers": sorted(ignored), "round_to": round_to,
-                "global_pruning": global_pruning, "min_channels": min_channels}
+    settings = {
+        "ratio": ratio,
+        "importance": getattr(criterion, "name", type(criterion).__name__),
+        "ignored_layers": sorted(ignored),
+        "round_to": round_to,
+        "global_pruning": global_pruning,
+        "min_channels": min_channels,
+    }
     return _make_plan(model, ctx.calls, channels, pruned, settings, sorted(ctx.inexact))
 
 
@@ -65,7 +69,9 @@ def _check_args(
         raise ConfigTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ConfigError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
         raise ConfigError(f"round_to must be None or a positive int, got {round_to!r}")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ConfigError(f"min_channels must be a positive int, got {min_channels!r}")
@@ -81,19 +87,27 @@ def _ignored_fqns(model: nn.Module, layers: Iterable[str | nn.Module]) -> set[st
     for layer in layers:
         if isinstance(layer, nn.Module):
             if layer not in names:
-                raise FqnError(f"ignored layer {type(layer).__name__} is not a submodule of the model")
+                raise FqnError(
+                    f"ignored layer {type(layer).__name__} is not a submodule of the model"
+                )
             out.add(names[layer])
         elif layer in known:
             out.add(layer)
         else:
             close = difflib.get_close_matches(str(layer), sorted(known), n=3)
-            raise FqnError(f"ignored layer {layer!r} is not a module of the model; did you mean {close}?")
+            raise FqnError(
+                f"ignored layer {layer!r} is not a module of the model; did you mean {close}?"
+            )
     return out
 
 
 def _make_plan(
-    model: nn.Module, calls: list[tuple[str, Any]], channels: ChannelGraph, pruned: np.ndarray,
-    settings: dict[str, Any], inexact: list[str],
+    model: nn.Module,
+    calls: list[tuple[str, Any]],
+    channels: ChannelGraph,
+    pruned: np.ndarray,
+    settings: dict[str, Any],
+    inexact: list[str],
 ) -> PrunePlan:
     removed = np.zeros(channels.n_classes, dtype=bool)
     removed[pruned] = True
@@ -108,16 +122,26 @@ def _make_plan(
             shape[member.dim] = keep.size
             sizes[(member.owner, member.name)] = tuple(shape)
     totals = {
-        "params_before": count_params(model, {}), "params_after": count_params(model, sizes),
-        "macs_before": count_macs(model, calls, {}), "macs_after": count_macs(model, calls, sizes),
+        "params_before": count_params(model, {}),
+        "params_after": count_params(model, sizes),
+        "macs_before": count_macs(model, calls, {}),
+        "macs_after": count_macs(model, calls, sizes),
     }
-    groups = [_summary(model, calls, channels, g, removed, totals) for g in channels.groups if g.prunable.size]
+    groups = [
+        _summary(model, calls, channels, g, removed, totals)
+        for g in channels.groups
+        if g.prunable.size
+    ]
     return PrunePlan(model, slices, groups, totals, settings, inexact)
 
 
 def _summary(
-    model: nn.Module, calls: list[tuple[str, Any]], channels: ChannelGraph, group: Any,
-    removed: np.ndarray, totals: dict[str, int],
+    model: nn.Module,
+    calls: list[tuple[str, Any]],
+    channels: ChannelGraph,
+    group: Any,
+    removed: np.ndarray,
+    totals: dict[str, int],
 ) -> GroupSummary:
     """What removing this group's channels alone would save (groups overlap in layers
     that read one group and write another, so these do not add up to the totals)."""
@@ -134,7 +158,8 @@ def _summary(
     owners = {owner for owner, _ in sizes}
     params = sum(
         math.prod(getattr(model.get_submodule(o), n).shape) - math.prod(s)
-        for (o, n), s in sizes.items() if isinstance(getattr(model.get_submodule(o), n), nn.Parameter)
+        for (o, n), s in sizes.items()
+        if isinstance(getattr(model.get_submodule(o), n), nn.Parameter)
     )
     own_calls = [c for c in calls if c[0] in owners]
     macs = count_macs(model, own_calls, {}) - count_macs(model, own_calls, sizes)

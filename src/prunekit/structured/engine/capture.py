@@ -55,7 +55,9 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-def capture(model: nn.Module, example_inputs: tuple[Any, ...]) -> tuple[fx.Graph, dict[fx.Node, Any]]:
+def capture(
+    model: nn.Module, example_inputs: tuple[Any, ...]
+) -> tuple[fx.Graph, dict[fx.Node, Any]]:
     """Trace ``model`` with torch.fx and record shapes; the model is left unchanged.
     Shapes come from one pass on fake tensors (no compute, no writes: BatchNorm
     statistics are untouched); eval mode so that shapes match inference."""

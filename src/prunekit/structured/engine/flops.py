@@ -38,5 +38,7 @@ def count_macs(model: nn.Module, calls: list[tuple[str, Any]], sizes: Sizes) -> 
         module = model.get_submodule(fqn)
         pruner = layer_pruner(module)
         if pruner is not None:
-            total += pruner.macs(module, out_shape, lambda n, m=module, f=fqn: _shape(m, f, n, sizes))
+            total += pruner.macs(
+                module, out_shape, lambda n, m=module, f=fqn: _shape(m, f, n, sizes)
+            )
     return total

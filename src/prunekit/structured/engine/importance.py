@@ -16,11 +16,11 @@ from torch import nn
 from prunekit.errors import ConfigError, ConfigTypeError
 
 __all__ = [
-    "BNScale",
     "FPGM",
-    "Importance",
     "L1",
     "L2",
+    "BNScale",
+    "Importance",
     "RandomImportance",
     "Taylor",
     "get_importance",
@@ -37,7 +37,9 @@ class Importance(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
+    def score(
+        self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
+    ) -> torch.Tensor | None:
         """One non-negative score per index of ``tensor`` along ``dim``."""
 
 
@@ -55,7 +57,9 @@ def get_importance(spec: str | Importance) -> Importance:
     if isinstance(spec, Importance):
         return spec
     if not isinstance(spec, str):
-        raise ConfigTypeError(f"importance must be a name or an Importance, got {type(spec).__name__}")
+        raise ConfigTypeError(
+            f"importance must be a name or an Importance, got {type(spec).__name__}"
+        )
     if spec not in _REGISTRY:
         raise ConfigError(f"unknown importance {spec!r}; expected one of {importance_names()}")
     return _REGISTRY[spec]()
@@ -92,7 +96,9 @@ class FPGM(Importance):
 
     name = "fpgm"
 
-    def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
+    def score(
+        self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
+    ) -> torch.Tensor | None:
         if tensor.dim() < 2:
             return None
         rows = _rows(tensor, dim)
@@ -105,7 +111,9 @@ class BNScale(Importance):
 
     name = "bn_scale"
 
-    def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
+    def score(
+        self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
+    ) -> torch.Tensor | None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and fqn.endswith("weight"):
             return tensor.detach().float().abs()
         return None
@@ -117,7 +125,9 @@ class Taylor(Importance):
 
     name = "taylor"
 
-    def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
+    def score(
+        self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
+    ) -> torch.Tensor | None:
         if not isinstance(tensor, nn.Parameter):
             return None
         if tensor.grad is None:

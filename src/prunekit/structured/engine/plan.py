@@ -66,12 +66,24 @@ class PrunePlan:
             "totals": dict(self.totals),
             "inexact": list(self.inexact),
             "slices": [
-                {"owner": s.owner, "name": s.name, "dim": s.dim, "size": s.size, "keep": list(s.keep)}
+                {
+                    "owner": s.owner,
+                    "name": s.name,
+                    "dim": s.dim,
+                    "size": s.size,
+                    "keep": list(s.keep),
+                }
                 for s in self.slices
             ],
             "groups": [
-                {"index": g.index, "members": list(g.members), "width": g.width, "kept": list(g.kept),
-                 "params_saved": g.params_saved, "macs_saved": g.macs_saved}
+                {
+                    "index": g.index,
+                    "members": list(g.members),
+                    "width": g.width,
+                    "kept": list(g.kept),
+                    "params_saved": g.params_saved,
+                    "macs_saved": g.macs_saved,
+                }
                 for g in self.groups
             ],
         }
@@ -82,12 +94,29 @@ class PrunePlan:
         checkpoint); ``apply()`` checks every tensor shape before changing anything."""
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != 1:
             raise ConfigError(f"not a version-1 {FORMAT} dict: got keys {sorted(data)[:6]}")
-        slices = [Slice(s["owner"], s["name"], int(s["dim"]), int(s["size"]), tuple(s["keep"]))
-                  for s in data["slices"]]
-        groups = [GroupSummary(g["index"], tuple(g["members"]), g["width"], tuple(g["kept"]),
-                               g["params_saved"], g["macs_saved"]) for g in data["groups"]]
-        return cls(model, slices, groups, dict(data["totals"]), dict(data["settings"]),
-                   list(data["inexact"]))
+        slices = [
+            Slice(s["owner"], s["name"], int(s["dim"]), int(s["size"]), tuple(s["keep"]))
+            for s in data["slices"]
+        ]
+        groups = [
+            GroupSummary(
+                g["index"],
+                tuple(g["members"]),
+                g["width"],
+                tuple(g["kept"]),
+                g["params_saved"],
+                g["macs_saved"],
+            )
+            for g in data["groups"]
+        ]
+        return cls(
+            model,
+            slices,
+            groups,
+            dict(data["totals"]),
+            dict(data["settings"]),
+            list(data["inexact"]),
+        )
 
     def __str__(self) -> str:
         t = self.totals

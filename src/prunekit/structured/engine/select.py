@@ -55,12 +55,17 @@ def check_round_to(groups: list[Group], round_to: int) -> None:
         if g.prunable.size and g.width < round_to:
             raise ConfigError(
                 f"round_to={round_to} cannot be met by the group of width {g.width} "
-                f"(first member {g.member_names()[0]}); use a round_to of at most {g.width} or ignore those layers"
+                f"(first member {g.member_names()[0]}); use a round_to of at most "
+                f"{g.width} or ignore those layers"
             )
 
 
 def select(
-    groups: list[Group], scores: np.ndarray, ratio: float, round_to: int, min_channels: int,
+    groups: list[Group],
+    scores: np.ndarray,
+    ratio: float,
+    round_to: int,
+    min_channels: int,
     global_pruning: bool,
 ) -> np.ndarray:
     """Dense indices of the coupled channels to remove."""

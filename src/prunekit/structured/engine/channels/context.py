@@ -69,9 +69,12 @@ class Propagation:
         when the input's channels are not tracked along that dimension."""
         state = self.state(arg)
         shape = self.shape(arg)
-        if isinstance(state, Tracked) and isinstance(shape, tuple):
-            if state.dim == dim % len(shape) and state.ids.size == size:
-                return state.ids
+        if (
+            isinstance(state, Tracked)
+            and isinstance(shape, tuple)
+            and state.dim == dim % len(shape)
+            and state.ids.size == size
+        ):
+            return state.ids
         self.freeze(state)
         return self.fresh(size, frozen=True)
-

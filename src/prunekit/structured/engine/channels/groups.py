@@ -44,8 +44,10 @@ class ChannelGraph:
 
 def build_groups(ctx: Propagation) -> ChannelGraph:
     roots = ctx.uf.roots()
-    used = np.unique(np.concatenate([m.ids for m in ctx.members.values()] or [np.zeros(0, np.int64)]))
-    class_roots, dense = np.unique(roots[used], return_inverse=True)
+    used = np.unique(
+        np.concatenate([m.ids for m in ctx.members.values()] or [np.zeros(0, np.int64)])
+    )
+    class_roots = np.unique(roots[used])
     dense_of_root = dict(zip(class_roots.tolist(), range(class_roots.size), strict=True))
     member_classes = {
         key: np.array([dense_of_root[r] for r in roots[m.ids].tolist()], dtype=np.int64)

@@ -7,6 +7,7 @@ pruned) and its output is untracked, which is always safe.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -112,7 +113,7 @@ def _split(node: fx.Node, ctx: Propagation) -> Any:
     if not is_chunk or len({s[dim] for s in outs}) != 1:
         ctx.freeze(state)
     bounds = np.cumsum([0] + [s[dim] for s in outs])
-    parts = [state.ids[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    parts = [state.ids[a:b] for a, b in itertools.pairwise(bounds)]
     for part in parts[1:]:
         if is_chunk and part.size == parts[0].size:
             ctx.union(parts[0], part)
@@ -144,7 +145,11 @@ def _constant_width(node: fx.Node, dim: int) -> bool:
     not computed from a tensor's size): the code would break once the width changes."""
     if node.target not in ("view", "reshape", torch.reshape):
         return False
-    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    sizes = (
+        node.args[1]
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        else node.args[1:]
+    )
     if "shape" in node.kwargs:
         sizes = node.kwargs["shape"]
     return len(sizes) > dim and isinstance(sizes[dim], int) and sizes[dim] != -1
@@ -204,61 +209,178 @@ def _expand(node: fx.Node, ctx: Propagation) -> Any:
 
 
 _UNARY_FUNCS = (
-    F.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish, F.hardsigmoid,
-    F.sigmoid, F.tanh, F.dropout, F.mish, F.softplus, torch.relu, torch.sigmoid,
-    torch.tanh, torch.exp, torch.neg, torch.abs, torch.clamp, torch.clone, torch.detach,
-    operator.neg, torch.nn.functional.hardtanh,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.leaky_relu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    F.dropout,
+    F.mish,
+    F.softplus,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.neg,
+    torch.abs,
+    torch.clamp,
+    torch.clone,
+    torch.detach,
+    operator.neg,
+    torch.nn.functional.hardtanh,
 )
 _BINARY_FUNCS = (
-    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub,
-    operator.truediv, operator.itruediv, torch.add, torch.mul, torch.sub, torch.div,
-    torch.where, torch.maximum, torch.minimum,
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    operator.isub,
+    operator.truediv,
+    operator.itruediv,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.div,
+    torch.where,
+    torch.maximum,
+    torch.minimum,
 )
 _FUNCTIONS: dict[Any, Handler] = {
     **dict.fromkeys(_UNARY_FUNCS, _first),
     **dict.fromkeys(_BINARY_FUNCS, _elementwise),
-    torch.cat: _cat, torch.concat: _cat, torch.split: _split, torch.chunk: _split,
-    operator.getitem: _getitem, torch.flatten: _reshape, torch.reshape: _reshape,
-    torch.squeeze: _reshape, torch.unsqueeze: _reshape, torch.transpose: _transpose,
-    torch.permute: _permute, torch.mean: _reduce, torch.sum: _reduce, torch.amax: _reduce,
-    F.softmax: _softmax, F.log_softmax: _softmax, torch.softmax: _softmax,
-    F.adaptive_avg_pool1d: _spatial, F.adaptive_avg_pool2d: _spatial,
-    F.adaptive_avg_pool3d: _spatial, F.avg_pool1d: _spatial, F.avg_pool2d: _spatial,
-    F.avg_pool3d: _spatial, F.max_pool1d: _spatial, F.max_pool2d: _spatial,
-    F.max_pool3d: _spatial, F.interpolate: _spatial, getattr: _nothing, len: _nothing,
+    torch.cat: _cat,
+    torch.concat: _cat,
+    torch.split: _split,
+    torch.chunk: _split,
+    operator.getitem: _getitem,
+    torch.flatten: _reshape,
+    torch.reshape: _reshape,
+    torch.squeeze: _reshape,
+    torch.unsqueeze: _reshape,
+    torch.transpose: _transpose,
+    torch.permute: _permute,
+    torch.mean: _reduce,
+    torch.sum: _reduce,
+    torch.amax: _reduce,
+    F.softmax: _softmax,
+    F.log_softmax: _softmax,
+    torch.softmax: _softmax,
+    F.adaptive_avg_pool1d: _spatial,
+    F.adaptive_avg_pool2d: _spatial,
+    F.adaptive_avg_pool3d: _spatial,
+    F.avg_pool1d: _spatial,
+    F.avg_pool2d: _spatial,
+    F.avg_pool3d: _spatial,
+    F.max_pool1d: _spatial,
+    F.max_pool2d: _spatial,
+    F.max_pool3d: _spatial,
+    F.interpolate: _spatial,
+    getattr: _nothing,
+    len: _nothing,
 }
 _METHODS: dict[str, Handler] = {
     **dict.fromkeys(
-        ("relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float",
-         "to", "type_as", "neg", "exp", "abs", "clamp", "half", "double", "bfloat16"),
+        (
+            "relu",
+            "relu_",
+            "sigmoid",
+            "tanh",
+            "contiguous",
+            "clone",
+            "detach",
+            "float",
+            "to",
+            "type_as",
+            "neg",
+            "exp",
+            "abs",
+            "clamp",
+            "half",
+            "double",
+            "bfloat16",
+        ),
         _first,
     ),
     **dict.fromkeys(
-        ("add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "__add__",
-         "__mul__", "__radd__", "__rmul__"),
+        (
+            "add",
+            "add_",
+            "mul",
+            "mul_",
+            "sub",
+            "sub_",
+            "div",
+            "div_",
+            "__add__",
+            "__mul__",
+            "__radd__",
+            "__rmul__",
+        ),
         _elementwise,
     ),
-    **dict.fromkeys(("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"),
-                    _reshape),
+    **dict.fromkeys(("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"), _reshape),
     **dict.fromkeys(("size", "dim", "numel"), _nothing),
-    "split": _split, "chunk": _split, "transpose": _transpose, "permute": _permute,
-    "mean": _reduce, "sum": _reduce, "amax": _reduce, "softmax": _softmax,
-    "expand": _expand, "expand_as": _expand,
+    "split": _split,
+    "chunk": _split,
+    "transpose": _transpose,
+    "permute": _permute,
+    "mean": _reduce,
+    "sum": _reduce,
+    "amax": _reduce,
+    "softmax": _softmax,
+    "expand": _expand,
+    "expand_as": _expand,
 }
 _MODULES: dict[type[nn.Module], Handler] = {
     **dict.fromkeys(
-        (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Hardswish,
-         nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Softplus, nn.Hardtanh,
-         nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity),
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.GELU,
+            nn.SiLU,
+            nn.ELU,
+            nn.LeakyReLU,
+            nn.Hardswish,
+            nn.Hardsigmoid,
+            nn.Sigmoid,
+            nn.Tanh,
+            nn.Mish,
+            nn.Softplus,
+            nn.Hardtanh,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.Identity,
+        ),
         _first,
     ),
     **dict.fromkeys(
-        (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-         nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-         nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample),
+        (
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.MaxPool3d,
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+            nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d,
+            nn.AdaptiveMaxPool3d,
+            nn.Upsample,
+        ),
         _spatial,
     ),
-    nn.Flatten: _reshape, nn.Unflatten: _reshape,
+    nn.Flatten: _reshape,
+    nn.Unflatten: _reshape,
 }
 
 

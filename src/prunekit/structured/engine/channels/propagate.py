@@ -20,9 +20,11 @@ from prunekit.structured.engine.layers import layer_pruner
 __all__ = ["propagate"]
 
 
-def propagate(model: nn.Module, graph: fx.Graph, shapes: dict[fx.Node, Any], ignored: Collection[str]) -> Propagation:
-    """Channel ids of every value of ``graph`` (captured from ``model``). Graph outputs and the outputs of ``ignored``
-    modules are frozen, so their widths never change."""
+def propagate(
+    model: nn.Module, graph: fx.Graph, shapes: dict[fx.Node, Any], ignored: Collection[str]
+) -> Propagation:
+    """Channel ids of every value of ``graph`` (captured from ``model``). Graph outputs
+    and the outputs of ``ignored`` modules are frozen, so their widths never change."""
     ctx = Propagation(shapes)
     for node in graph.nodes:
         if node.op == "output":

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["follow_index", "follow_reshape", "follow_reduce"]
+__all__ = ["follow_index", "follow_reduce", "follow_reshape"]
 
 
 def follow_reshape(
@@ -34,9 +34,7 @@ def follow_reshape(
     return None
 
 
-def _merged_range(
-    in_shape: tuple[int, ...], lo: int, hi: int, dim: int
-) -> tuple[int, int] | None:
+def _merged_range(in_shape: tuple[int, ...], lo: int, hi: int, dim: int) -> tuple[int, int] | None:
     """The input dims [start, stop) whose product spans elements lo..hi, if they
     contain ``dim`` and line up exactly with dimension boundaries."""
     prefixes = [math.prod(in_shape[:k]) for k in range(len(in_shape) + 1)]
@@ -73,8 +71,12 @@ def follow_index(index: Any, ndim: int, dim: int, ids: np.ndarray) -> tuple[int,
 
 
 def _is_full(item: Any, size: int) -> bool:
-    return isinstance(item, slice) and item.indices(size) == (0, size, 1) and (
-        item.stop is None or item.stop >= size) and item.start in (None, 0)
+    return (
+        isinstance(item, slice)
+        and item.indices(size) == (0, size, 1)
+        and (item.stop is None or item.stop >= size)
+        and item.start in (None, 0)
+    )
 
 
 def follow_reduce(dims: Any, keepdim: bool, ndim: int, dim: int) -> int | None:

@@ -63,6 +63,10 @@ class RecurrentPruner(LayerPruner):
     def macs(self, module: nn.Module, out_shape: Any, shape_of: ShapeOf) -> int:
         assert isinstance(module, nn.RNNBase)
         steps = numel(out_shape[0][:-1])
-        names = [f"weight_{k}_l{layer}{sfx}" for layer in range(module.num_layers)
-                 for sfx in _suffixes(module) for k in ("ih", "hh")]
+        names = [
+            f"weight_{k}_l{layer}{sfx}"
+            for layer in range(module.num_layers)
+            for sfx in _suffixes(module)
+            for k in ("ih", "hh")
+        ]
         return steps * sum(numel(shape_of(n)) for n in names)

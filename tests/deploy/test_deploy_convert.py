@@ -64,6 +64,7 @@ def test_auto_reports_layers_the_inputs_never_reach():
         model.unused.weight[0] = 0
     deployed = to_sparse(model, X)
     assert deployed.deploy_report["unused"].reason == "not called by example_inputs"
+    assert [c.fqn for c in deployed.deploy_report.layers] == ["mlp.0", "mlp.2", "unused"]
     assert type(deployed.unused) is nn.Linear
 
 
@@ -180,3 +181,12 @@ def test_semi_structured_on_cuda_matches_dense():
     torch.testing.assert_close(deployed(x), model(x), atol=1e-2, rtol=1e-2)
     auto = to_sparse(model, x)
     assert "semi_structured" in auto.deploy_report["0"].times_ms
+
+
+def test_non_contiguous_weights_are_packed_from_a_contiguous_copy():
+    model = sparse_mlp()
+    tied = nn.Parameter(model[0].weight.detach().T.contiguous().T)  # same values, other strides
+    assert not tied.is_contiguous()
+    model[0].weight = tied
+    deployed = to_sparse(model, layout="csr")
+    torch.testing.assert_close(deployed(X), model(X), atol=1e-5, rtol=1e-5)

@@ -23,17 +23,9 @@ def _kind(module: nn.Module) -> type[SparseLinear] | None:
     source = type_before_parametrizations(module)
     if source is nn.Linear:
         return SparseLinear
-    if source is nn.Conv2d and is_pointwise_conv(_unparametrized_view(module)):
+    if is_pointwise_conv(module):
         return SparseConv1x1
     return None
-
-
-def _unparametrized_view(module: nn.Module) -> nn.Module:
-    # is_pointwise_conv checks `type(m) is nn.Conv2d`; a parametrized conv has a
-    # generated subclass, but its conv attributes are the same.
-    view = copy.copy(module)
-    view.__class__ = type_before_parametrizations(module)
-    return view
 
 
 def _where(fqn: str, module: nn.Module) -> str:
@@ -228,11 +220,14 @@ def to_sparse(
     """
     _check_args(layout, example_inputs, margin)
     work = model if inplace else copy.deepcopy(model)
-    targets, report = _with_zeros(_targets(work, modules), explicit=modules is not None)
+    found = _targets(work, modules)
+    order = list(found)
+    targets, report = _with_zeros(found, explicit=modules is not None)
     if layout == "auto":
         new, chosen = _auto(work, targets, example_inputs, blocksize, margin)
     else:
         new, chosen = _fixed(targets, layout, blocksize)
     _replace(work, new)
-    work.deploy_report = DeployReport(report.layers + chosen.layers)
+    layers = sorted(report.layers + chosen.layers, key=lambda c: order.index(c.fqn))
+    work.deploy_report = DeployReport(layers)
     return work

@@ -77,6 +77,10 @@ class Layout(ABC):
         """The dense weight back (for state_dict interop and reports)."""
         return packed.to_dense()
 
+    def to_state(self, packed: Tensor) -> Tensor:
+        """What ``state_dict`` stores: the packed tensor where torch can save it."""
+        return packed
+
     def describe(self) -> str:
         return self.name
 
@@ -239,6 +243,9 @@ class SemiStructuredLayout(Layout):
         from torch.sparse import to_sparse_semi_structured
 
         return to_sparse_semi_structured(weight.detach().contiguous())
+
+    def to_state(self, packed: Tensor) -> Tensor:
+        return packed.to_dense()  # a tensor subclass; the dense form re-packs on load
 
     def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x2d, packed, bias)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from prunekit.deploy.layouts import Layout
 from prunekit.errors import ConfigError
@@ -22,7 +23,7 @@ __all__ = ["SparseConv1x1", "SparseLinear", "is_pointwise_conv"]
 def is_pointwise_conv(module: nn.Module) -> bool:
     """A Conv2d that is a Linear over channels: 1x1 kernel, stride 1, no padding, one group."""
     return (
-        type(module) is nn.Conv2d
+        type_before_parametrizations(module) is nn.Conv2d
         and module.kernel_size == (1, 1)
         and module.stride == (1, 1)
         and module.dilation == (1, 1)
@@ -77,6 +78,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._save_to_state_dict(destination, prefix, *args)
+        destination[prefix + "weight"] = self.layout.to_state(self.weight)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any

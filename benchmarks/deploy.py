@@ -1,0 +1,172 @@
+"""Sparse inference speed: prunekit.deploy layouts vs dense fp32 and dense dynamic int8.
+
+Run: ``python -m benchmarks.deploy [--quick]``. BERT-base sizes: Linear 768->3072 (fc1),
+3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32/128 tokens, 50/70/90/95%
+sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell times, interleaved in
+one process on the same input: dense fp32, dense dynamic int8 (torch quantize_dynamic),
+CSR, BSR (square blocks; MKL takes no other on the CPU), sparse dynamic int8
+(``sparse_quantize``, 1x4 blocks, qnnpack) and ``to_sparse(layout="auto")``.
+Columns ``*_x`` are speed-ups over dense fp32 (> 1: faster).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.quantization import quantize_dynamic
+
+from benchmarks._common import interleaved, parse_args, ratio, write_results
+from prunekit.deploy import sparse_quantize, to_sparse
+
+FULL = {
+    "shapes": {"fc1": [(768, 3072)], "fc2": [(3072, 768)], "mlp": [(768, 3072), (3072, 768)]},
+    "tokens": [1, 32, 128],
+    "sparsity": [0.5, 0.7, 0.9, 0.95],
+    "patterns": {"unstructured": (1, 1), "1x4": (1, 4), "4x4": (4, 4), "16x16": (16, 16)},
+}
+QUICK = {
+    "shapes": {"mlp": [(128, 512), (512, 128)]},
+    "tokens": [1, 32],
+    "sparsity": [0.5, 0.9],
+    "patterns": {"unstructured": (1, 1), "16x16": (16, 16)},
+}
+SPARSE = ["csr", "bsr", "sparse_int8"]
+
+
+def masked_weight(out_f: int, in_f: int, block: tuple[int, int], sparsity: float) -> torch.Tensor:
+    """A random weight with ``sparsity`` of its ``block``s zeroed (lowest-scoring blocks)."""
+    scores = torch.rand(out_f // block[0], in_f // block[1])
+    k = round(sparsity * scores.numel())
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep[scores.flatten().argsort()[:k]] = False
+    mask = keep.reshape(scores.shape).repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return torch.randn(out_f, in_f) * 0.02 * mask
+
+
+def make_model(dims: list[tuple[int, int]], block: tuple[int, int], sparsity: float) -> nn.Module:
+    layers: list[nn.Module] = []
+    for in_f, out_f in dims:
+        lin = nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            lin.weight.copy_(masked_weight(out_f, in_f, block, sparsity))
+        layers += [lin, nn.GELU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def candidates(model: nn.Module, x: torch.Tensor, pattern: str) -> tuple[dict[str, nn.Module], str]:
+    """Every deployment of ``model``, and what auto chose per layer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = {
+            "dense": model,
+            "int8": quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8),
+            "csr": to_sparse(model, layout="csr"),
+            "sparse_int8": sparse_quantize(model),
+        }
+    if pattern in ("4x4", "16x16"):
+        models["bsr"] = to_sparse(model, layout="bsr")
+    models["auto"] = to_sparse(model, x)
+    chosen = "/".join(models["auto"].deploy_report.chosen().values())
+    return models, chosen
+
+
+def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median ms per call; each timed sample runs enough calls to last about 2 ms."""
+    with torch.inference_mode():
+        models["dense"](x)
+        start = time.perf_counter()
+        models["dense"](x)
+        inner = max(1, int(0.002 / max(time.perf_counter() - start, 1e-6)))
+        calls: dict[str, Callable[[], Any]] = {
+            name: (lambda m=m: [m(x) for _ in range(inner)]) for name, m in models.items()
+        }
+        seconds = interleaved(calls, repeats=repeats, warmup=1)
+    return {name: 1e3 * s / inner for name, s in seconds.items()}
+
+
+def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsity: float,
+         repeats: int) -> dict[str, Any]:  # fmt: skip
+    model = make_model(dims, block, sparsity)
+    x = torch.randn(tokens, dims[0][0])
+    models, chosen = candidates(model, x, pattern)
+    ms = time_models(models, x, repeats)
+    row: dict[str, Any] = {
+        "shape": shape, "tokens": tokens, "pattern": pattern, "sparsity": sparsity,
+        "dense_ms": ms["dense"], "int8_x": ratio(ms["dense"], ms["int8"]),
+    }  # fmt: skip
+    for name in SPARSE:
+        row[f"{name}_x"] = ratio(ms["dense"], ms[name]) if name in ms else None
+    row["auto_x"] = ratio(ms["dense"], ms["auto"])
+    row["auto_chose"] = chosen
+    return row
+
+
+def crossover(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (shape, tokens, pattern) and layout: the lowest sparsity from which the layout
+    beats dense fp32 at every higher sparsity measured ("-" if it never does)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["shape"], row["tokens"], row["pattern"]), []).append(row)
+    out = []
+    for (shape, tokens, pattern), group in groups.items():
+        group = sorted(group, key=lambda r: r["sparsity"])
+        entry: dict[str, Any] = {"shape": shape, "tokens": tokens, "pattern": pattern}
+        for name in SPARSE:
+            beats = [r[f"{name}_x"] is not None and r[f"{name}_x"] > 1.0 for r in group]
+            first = next((i for i in range(len(group)) if all(beats[i:])), None)
+            entry[name] = f"{group[first]['sparsity']:.0%}" if first is not None else "-"
+        out.append(entry)
+    return out
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    worst = min(rows, key=lambda r: r["auto_x"])
+    low = sum(r["auto_x"] < 0.95 for r in rows)
+    lines = [
+        f"- auto/dense speed ratio: min {worst['auto_x']:.2f} ({worst['shape']}, "
+        f"{worst['tokens']} tokens, {worst['pattern']}, {worst['sparsity']:.0%}); "
+        f"{low} of {len(rows)} cells below 0.95 (target: none).",
+    ]
+    for tokens in (32, 128):
+        picked = [r for r in rows if r["tokens"] == tokens and r["pattern"] != "unstructured"
+                  and abs(r["sparsity"] - 0.9) < 1e-9]  # fmt: skip
+        for r in picked:
+            best = max(SPARSE, key=lambda n: r[f"{n}_x"] or 0.0)
+            lines.append(
+                f"- 90% {r['pattern']} blocks, {r['shape']}, {tokens} tokens: best sparse "
+                f"{best} {r[f'{best}_x']:.2f}x dense fp32 (target >= 1.5x)"
+            )
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    table = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    table += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    config = QUICK if args.quick else FULL
+    rows = []
+    for shape, dims in config["shapes"].items():
+        for tokens in config["tokens"]:
+            for pattern, block in config["patterns"].items():
+                for sparsity in config["sparsity"]:
+                    rows.append(cell(shape, dims, tokens, pattern, block, sparsity, args.repeats))
+    notes = "\n".join(
+        [*summary(rows), "", "Crossover sparsity (beats dense fp32 from here up):", "",
+         markdown(crossover(rows))]
+    )  # fmt: skip
+    path = write_results("deploy", rows, notes=notes, quick=args.quick)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -190,3 +190,14 @@ def test_non_contiguous_weights_are_packed_from_a_contiguous_copy():
     model[0].weight = tied
     deployed = to_sparse(model, layout="csr")
     torch.testing.assert_close(deployed(X), model(X), atol=1e-5, rtol=1e-5)
+
+
+def test_a_layout_whose_kernel_refuses_the_dtype_is_an_error_or_skipped_by_auto():
+    model = sparse_mlp().to(torch.bfloat16)  # torch's CPU CSR/BSR kernels: no bfloat16
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"layer '0'.*layout 'csr' failed to run: .*BFloat16"):
+        to_sparse(model, layout="csr", inplace=True)
+    assert_unchanged(before, model)
+    deployed = to_sparse(model, X.to(torch.bfloat16))
+    assert deployed.deploy_report.chosen() == {"0": "dense", "2": "dense"}
+    assert any("'csr' failed to run" in s for s in deployed.deploy_report["0"].skipped)

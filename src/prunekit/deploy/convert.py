@@ -18,6 +18,9 @@ from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 
 __all__ = ["to_sparse"]
 
+# What torch's sparse constructors and kernels raise for an unsupported dtype/shape/device.
+_KERNEL_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)
+
 
 def _kind(module: nn.Module) -> type[SparseLinear] | None:
     source = type_before_parametrizations(module)
@@ -66,17 +69,6 @@ def _blocksize(module: nn.Module, blocksize: tuple[int, int] | None) -> tuple[in
     return tuple(block) if block is not None else None  # type: ignore[return-value]
 
 
-def _build(fqn: str, module: nn.Module, layout: Layout) -> nn.Module:
-    if layout.name == "dense":
-        return module
-    kind = cast(type[SparseLinear], _kind(module))  # _targets yields supported layers only
-    try:
-        return kind.from_dense(module, layout)
-    except RuntimeError as exc:  # a kernel refusing this shape/dtype/device
-        where = _where(fqn, module)
-        raise ConfigError(f"{where}: layout {layout.describe()!r} failed: {exc}") from exc
-
-
 def _weight_2d(module: nn.Module) -> torch.Tensor:
     weight = module.weight.detach()
     return weight.reshape(weight.shape[0], -1)
@@ -112,13 +104,36 @@ def _fixed(
     for fqn, module in targets.items():
         weight = _weight_2d(module)
         layout = LAYOUTS[name].fit(weight, _where(fqn, module), _blocksize(module, blocksize))
-        new[fqn] = _build(fqn, module, layout)
+        new[fqn] = _trial(fqn, module, layout, _probe_input(module))
         report.layers.append(_choice(fqn, module, layout.describe(), f"layout={name!r} requested"))
     return new, report
 
 
+def _trial(fqn: str, module: nn.Module, layout: Layout, x: torch.Tensor) -> nn.Module:
+    """Build ``layout`` for the layer and run it once on ``x``: kernels may refuse a
+    dtype, shape or device only when called."""
+    if layout.name == "dense":
+        return module
+    kind = cast(type[SparseLinear], _kind(module))  # _targets yields supported layers only
+    try:
+        candidate = kind.from_dense(module, layout)
+        with torch.inference_mode():
+            candidate(x)
+    except _KERNEL_ERRORS as exc:
+        where = _where(fqn, module)
+        raise ConfigError(f"{where}: layout {layout.describe()!r} failed to run: {exc}") from exc
+    return candidate
+
+
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    """One zero row (or pixel) of the layer's input, to try a layout without real data."""
+    weight = module.weight
+    shape = (1, weight.shape[1], 1, 1) if weight.dim() == 4 else (1, weight.shape[1])
+    return torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+
 def _fitting_candidates(
-    fqn: str, module: nn.Module, blocksize: tuple[int, int] | None
+    fqn: str, module: nn.Module, blocksize: tuple[int, int] | None, x: torch.Tensor
 ) -> tuple[dict[str, nn.Module], list[str]]:
     candidates: dict[str, nn.Module] = {"dense": module}
     skipped = []
@@ -127,7 +142,7 @@ def _fitting_candidates(
             continue
         try:
             layout = cls.fit(_weight_2d(module), _where(fqn, module), _blocksize(module, blocksize))
-            candidates[layout.describe()] = _build(fqn, module, layout)
+            candidates[layout.describe()] = _trial(fqn, module, layout, x)
         except ConfigError as exc:
             skipped.append(f"{name}: {str(exc).split(': ', 2)[-1]}")
     return candidates, skipped
@@ -146,7 +161,7 @@ def _auto(
         if fqn not in inputs:
             report.layers.append(_choice(fqn, module, "dense", "not called by example_inputs"))
             continue
-        candidates, skipped = _fitting_candidates(fqn, module, blocksize)
+        candidates, skipped = _fitting_candidates(fqn, module, blocksize, inputs[fqn])
         times = time_candidates(candidates, inputs[fqn])
         best, reason = choose(times, margin)
         new[fqn] = candidates[best]

@@ -226,3 +226,14 @@ def test_squash_mask_bakes_rows_and_lstm_bias_masks():
         assert torch.allclose(model(x)[0], masked)
     assert not hasattr(model[0], "parametrizations")
     assert torch.equal(model[0].bias_ih_l0[~mask], torch.zeros(4))
+
+
+def test_load_state_dict_unknown_fqn_strict_and_lenient():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    pruner = _prepared(model, ["0"])
+    saved = pruner.state_dict()
+    saved["groups"].append({"tensor_fqn": "9.weight", "sparsity_level": 0.5})
+    with pytest.raises(StateDictError, match=r"9\.weight"):
+        pruner.load_state_dict(saved)
+    pruner.load_state_dict(saved, strict=False)
+    assert [g["tensor_fqn"] for g in pruner.groups] == ["0.weight"]

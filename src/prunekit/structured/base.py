@@ -10,6 +10,8 @@ and ``prune()`` either handles every branch of the graph or refuses, naming the 
 from __future__ import annotations
 
 import abc
+import copy
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -162,41 +164,46 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 for name in list(module.parametrizations.keys()):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
-    def _masks_to_load(self, model: nn.Module, states: dict, strict: bool) -> dict:
-        """Row masks load into a model prepared with the same config (copied in place)."""
-        masks = {}
-        for fqn, entry in states.items():
-            if entry.get("mask") is None:
-                continue
-            try:
-                info = resolve_tensor_fqn(model, fqn)
-            except FqnError as err:
-                if strict:
-                    raise StateDictError(f"load_state_dict: {err}") from None
-                continue
-            module, name, mask = info["module"], info["tensor_name"], entry["mask"]
-            holder = structured_mask(module, name)
-            if holder is None:
-                raise StateDictError(
-                    f"load_state_dict: {fqn!r} has no FakeStructuredSparsity; prepare(model, "
-                    "config) with the same config before loading row masks"
-                )
-            if not isinstance(mask, torch.Tensor) or mask.shape != holder.shape:
-                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise StateDictError(
-                    f"load_state_dict: row mask for {fqn!r} has shape {got}, expected "
-                    f"{tuple(holder.shape)}"
-                )
-            masks[fqn] = (module, name, mask.to(holder.device) != 0)
-        return masks
+    def load_state_dict(
+        self, state_dict: dict[str, Any], strict: bool = True, model: nn.Module | None = None
+    ) -> None:
+        """Copy row masks into a model prepared with the same config (default: the prepared
+        model) and restore state and groups; nothing changes if any entry does not fit."""
+        model = model if model is not None else getattr(self, "model", None)
+        if model is None:
+            raise StateError("load_state_dict: no model; call prepare(model, config) first")
+        missing = [k for k in ("state", "groups") if k not in state_dict]
+        if missing:
+            raise StateDictError(
+                f"load_state_dict: missing keys {missing}; got {sorted(state_dict)}"
+            )
+        masks = _row_masks(model, state_dict["state"], strict)
+        groups = [
+            self._loaded_group(model, i, g, strict) for i, g in enumerate(state_dict["groups"])
+        ]
+        state: dict[str, dict] = defaultdict(dict)
+        for fqn, entry in state_dict["state"].items():
+            state[fqn] = {k: copy.deepcopy(v) for k, v in entry.items() if k != "mask"}
+        for fqn, (holder, mask) in masks.items():
+            holder.copy_(mask)
+            state[fqn]["mask"] = holder
+        self.model, self.state, self.groups = model, state, [g for g in groups if g is not None]
 
-    @staticmethod
-    def _install_mask(*args: Any) -> torch.Tensor:
-        """``(..., module, tensor_name, mask)``: copy the mask into the row mask in place."""
-        module, name, mask = args[-3:]
-        holder = structured_mask(module, name)
-        holder.copy_(mask)
-        return holder
+    def _loaded_group(
+        self, model: nn.Module, i: int, group: Any, strict: bool
+    ) -> dict[str, Any] | None:
+        if not isinstance(group, dict) or "tensor_fqn" not in group:
+            raise StateDictError(f"load_state_dict: groups[{i}] has no 'tensor_fqn': {group!r}")
+        try:
+            info = resolve_tensor_fqn(model, group["tensor_fqn"])
+        except FqnError as err:
+            if strict:
+                raise StateDictError(f"load_state_dict: {err}") from None
+            return None
+        loaded = copy.deepcopy(group)
+        loaded.update(info)
+        self.validate_group(loaded)
+        return loaded
 
 
 def _check_row_mask(i: int, fqn: str, mask: Any, tensor: torch.Tensor) -> None:
@@ -223,3 +230,31 @@ def _mask_lstm_bias(lstm: nn.LSTM, name: str, parametrization: FakeStructuredSpa
     if hasattr(lstm, bias_name) and not parametrize.is_parametrized(lstm, bias_name):
         bias_mask = FakeStructuredSparsity(parametrization.mask)
         parametrize.register_parametrization(lstm, bias_name, bias_mask)
+
+
+def _row_masks(model: nn.Module, states: dict, strict: bool) -> dict:
+    """``{fqn: (row mask in the model, mask to copy)}``, every entry checked."""
+    masks = {}
+    for fqn, entry in states.items():
+        if entry.get("mask") is None:
+            continue
+        try:
+            info = resolve_tensor_fqn(model, fqn)
+        except FqnError as err:
+            if strict:
+                raise StateDictError(f"load_state_dict: {err}") from None
+            continue
+        mask, holder = entry["mask"], structured_mask(info["module"], info["tensor_name"])
+        if holder is None:
+            raise StateDictError(
+                f"load_state_dict: {fqn!r} has no FakeStructuredSparsity; prepare(model, "
+                "config) with the same config before loading row masks"
+            )
+        if not isinstance(mask, torch.Tensor) or mask.shape != holder.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise StateDictError(
+                f"load_state_dict: row mask for {fqn!r} has shape {got}, expected "
+                f"{tuple(holder.shape)}"
+            )
+        masks[fqn] = (holder, mask.to(holder.device) != 0)
+    return masks

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunekit.structured import ops
@@ -22,6 +23,7 @@ _POOL_FUNCTIONS = frozenset(
     p for rank in (1, 2, 3) for p in ops.POOLS[rank] + ops.ADAPTIVE_POOLS[rank]
     if not isinstance(p, type)
 )
+_AVG_POOL_FUNCTIONS = frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d})
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                      nn.AlphaDropout, nn.LayerNorm)
 
@@ -60,8 +62,8 @@ def function_step(
         padding = kwargs.get("padding", args[2] if len(args) > 2 else 0)
         padded = any(p > 0 for p in padding) if isinstance(padding, (tuple, list)) else padding > 0
         counts = kwargs.get("count_include_pad", args[4] if len(args) > 4 else True)
-        is_avg = "avg" in getattr(key, "__name__", "") and "adaptive" not in key.__name__
-        return Step(name, _identity, None, zero_padded=bool(is_avg and padded and counts))
+        zero_padded = key in _AVG_POOL_FUNCTIONS and padded and counts
+        return Step(name, _identity, None, zero_padded=bool(zero_padded))
     if key in ops.TRANSPARENT:
         return Step(name, _identity, None)
 

@@ -190,3 +190,41 @@ def test_auto_config_covers_lstm_weights_and_convs():
         "0.weight", "1.weight_hh_l0", "1.weight_hh_l1", "1.weight_ih_l0", "1.weight_ih_l1",
         "2.weight",
     ]
+
+
+def test_prepare_moves_biases_behind_a_bias_hook_as_the_reference():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3, bias=False), nn.LSTM(3, 2))
+    config = [{"tensor_fqn": "0.weight", "prune_bias": False}, {"tensor_fqn": "1.weight"},
+              {"tensor_fqn": "2.weight_ih_l0"}]
+    ps.SaliencyPruner({"sparsity_level": 0.5}).prepare(model, config)
+    first, second, lstm = model
+    assert first.bias is None and isinstance(first._bias, nn.Parameter)
+    assert first.prune_bias is False and not hasattr(second, "_bias")
+    for module in (first, second):
+        (hook,) = module._forward_hooks.values()
+        assert isinstance(hook, ps.BiasHook)
+        assert hook.param is module.parametrizations.weight[0]
+    assert not lstm._forward_hooks
+    assert lstm.parametrizations.bias_ih_l0[0].mask is lstm.parametrizations.weight_ih_l0[0].mask
+    assert first.parametrizations.weight[0].mask.dtype == torch.bool
+    assert first.parametrizations.weight[0].state_dict() == {}
+
+
+class _DropFirstRow(ps.BaseStructuredSparsifier):
+    """Like the reference tests' ImplementedSparsifier, but structured."""
+
+    def update_mask(self, module, tensor_name, **kwargs):
+        getattr(module.parametrizations, tensor_name)[0].mask[0] = False
+        self.state[kwargs["tensor_fqn"]]["steps"] = self.state[kwargs["tensor_fqn"]].get(
+            "steps", 0) + 1
+
+
+def test_user_subclass_steps_and_prunes():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    pruner = _DropFirstRow({})
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
+    pruner.step()
+    pruner.step()
+    assert pruner.state["0.weight"]["steps"] == 2
+    pruner.prune()
+    assert model[0].out_features == 5 and model[2].in_features == 5

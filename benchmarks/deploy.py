@@ -11,6 +11,7 @@ Columns ``*_x`` are speed-ups over dense fp32 (> 1: faster).
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Callable
@@ -153,6 +154,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
+    gc.freeze()  # interleaved() collects before every call; skip torch's import-time objects
     config = QUICK if args.quick else FULL
     rows = []
     for shape, dims in config["shapes"].items():

@@ -200,7 +200,7 @@ def sparse_quantize(
     engine = DYNAMIC_ENGINE if dynamic else STATIC_ENGINE
     check_engine(engine, f"sparse_quantize(dynamic={dynamic})")
     batches = _check_calibration(calibration_batches, dynamic)
-    _targets(model)
+    _targets(model)  # fail on a bad layer before paying for the copy
     work = copy.deepcopy(model)
     targets = {fqn: _squash(m) for fqn, m in _targets(work).items()}
     if dynamic:

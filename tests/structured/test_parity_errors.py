@@ -79,6 +79,10 @@ CASES = {
         lambda: nn.Sequential(nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 3, groups=2)), ["0"],
         r"node '_1' \(Conv2d\) is a grouped convolution \(groups=2\)",
     ),
+    "grouped conv producer": (
+        lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 2, 1)), ["0"],
+        r"prepared layer '0' is a grouped convolution \(groups=4\)",
+    ),
     "flatten from dim 0": (
         lambda: nn.Sequential(nn.Conv2d(2, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(0),
                               nn.Linear(4, 2)), ["0"], r"\(start_dim, end_dim\)=\(0, -1\)",

@@ -75,6 +75,12 @@ def _in_width(module: nn.Module) -> int:
 
 def check_branches(producer: nn.Module, name: str, width: int, branches: Sequence[Branch]) -> None:
     """Raise before any change if a branch cannot take ``width`` pruned channels."""
+    if getattr(producer, "groups", 1) != 1:
+        raise UnsupportedError(
+            f"prune: prepared layer {name!r} is a grouped convolution (groups="
+            f"{producer.groups}); its output channels are tied to its inputs, which the pattern "
+            "pruner does not follow (use prunekit.structured.prune)"
+        )
     for branch in branches:
         for step in branch.steps:
             _check_step(step, width, name)

@@ -29,6 +29,13 @@ from prunekit.errors import (
 )
 from prunekit.fqn import module_to_fqn, resolve_tensor_fqn
 from prunekit.parametrization import FakeSparsity, module_contains_param
+from prunekit.sparsifier._loading import (
+    groups_to_load,
+    install_mask,
+    masks_to_load,
+    original_tensor,
+    sparsity_of,
+)
 from prunekit.sparsifier._tensors import (
     check_materialized,
     check_no_sharded_params,
@@ -45,27 +52,6 @@ __all__ = ["BaseSparsifier"]
 SUPPORTED_MODULES = {nn.Linear}
 KEYS_NOT_IN_STATE_DICT = ("module", "module_fqn", "tensor_name")
 _INFO_KEYS = ("module_fqn", "module", "tensor_name", "tensor_fqn")
-
-
-def _sparsity_of(module: nn.Module, tensor_name: str) -> FakeSparsity | None:
-    """The ``FakeSparsity`` attached to ``module.<tensor_name>``, if any."""
-    if not parametrize.is_parametrized(module, tensor_name):
-        return None
-    for p in module.parametrizations[tensor_name]:
-        if isinstance(p, FakeSparsity):
-            return p
-    return None
-
-
-def _as_bool_mask(mask: torch.Tensor, where: str) -> torch.Tensor:
-    """Masks loaded from the reference are float 0/1: store them as bool."""
-    if mask.dtype == torch.bool:
-        return mask
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise StateDictError(
-            f"{where}: mask holds values other than 0 and 1; expected a binary mask"
-        )
-    return mask != 0
 
 
 class BaseSparsifier(abc.ABC):
@@ -172,7 +158,7 @@ class BaseSparsifier(abc.ABC):
             group = self._group_from_entry(model, i, entry)
             fqn = group["tensor_fqn"]
             tensor = self._original(group["module"], group["tensor_name"])
-            if fqn in seen or _sparsity_of(group["module"], group["tensor_name"]) is not None:
+            if fqn in seen or sparsity_of(group["module"], group["tensor_name"]) is not None:
                 raise ConfigError(
                     f"config[{i}]: tensor {fqn!r} is already prepared; each tensor takes one "
                     "mask (squash_mask() first, or remove the duplicate entry)"
@@ -224,12 +210,7 @@ class BaseSparsifier(abc.ABC):
             )
         return group
 
-    @staticmethod
-    def _original(module: nn.Module, tensor_name: str) -> torch.Tensor:
-        """The stored tensor behind ``module.<tensor_name>`` (the original if parametrized)."""
-        if parametrize.is_parametrized(module, tensor_name):
-            return module.parametrizations[tensor_name].original
-        return getattr(module, tensor_name)
+    _original = staticmethod(original_tensor)
 
     def _prepare(self, *args: Any, **kwargs: Any) -> None:
         """Register a mask parametrization on every group's tensor that has none yet."""
@@ -260,7 +241,7 @@ class BaseSparsifier(abc.ABC):
     def _apply_masks(self) -> None:
         """Zero the masked entries of every original tensor (enables the fast forward)."""
         for group in self.groups:
-            sparsity = _sparsity_of(group["module"], group["tensor_name"])
+            sparsity = sparsity_of(group["module"], group["tensor_name"])
             if sparsity is not None:
                 sparsity.apply_(self._original(group["module"], group["tensor_name"]))
 
@@ -301,7 +282,7 @@ class BaseSparsifier(abc.ABC):
         for group, sparse_params in zip(self.groups, kept, strict=False):
             module, name = group["module"], group["tensor_name"]
             plist = module.parametrizations[name]
-            already_masked = len(plist) == 1 and _sparsity_of(module, name) is not None
+            already_masked = len(plist) == 1 and sparsity_of(module, name) is not None
             already_masked = already_masked and plist[0].mask.dtype == torch.bool
             tied = list(tied_to(self.model, plist.original, module))
             for holder, holder_name in [(module, name), *tied]:
@@ -393,72 +374,13 @@ class BaseSparsifier(abc.ABC):
                 raise StateDictError(
                     f"load_state_dict: missing key {key!r}; got {sorted(state_dict)}"
                 )
-        masks = self._masks_to_load(model, state_dict["state"], strict)
-        groups = self._groups_to_load(model, state_dict["groups"], strict)
+        masks = masks_to_load(model, state_dict["state"], strict)
+        groups = groups_to_load(model, state_dict["groups"], strict, self.validate_group)
         self.model = model
         state: dict[str, dict] = defaultdict(dict)
         for fqn, entry in state_dict["state"].items():
             state[fqn] = {k: copy.deepcopy(v) for k, v in entry.items() if k != "mask"}
         for fqn, (module, name, mask) in masks.items():
-            state[fqn]["mask"] = self._install_mask(model, module, name, mask)
+            state[fqn]["mask"] = install_mask(model, module, name, mask)
         self.state, self.groups = state, groups
         self._apply_masks()
-
-    def _masks_to_load(self, model: nn.Module, states: dict, strict: bool) -> dict:
-        masks = {}
-        for fqn, entry in states.items():
-            try:
-                info = resolve_tensor_fqn(model, fqn)
-            except FqnError as err:
-                if strict:
-                    raise StateDictError(f"load_state_dict: {err}") from None
-                continue
-            mask = entry.get("mask")
-            if mask is None:
-                continue
-            tensor = self._original(info["module"], info["tensor_name"])
-            check_not_sharded("load_state_dict", fqn, info["module"], info["tensor_name"], tensor)
-            if not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape:
-                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise StateDictError(
-                    f"load_state_dict: mask for {fqn!r} has shape {got}, expected "
-                    f"{tuple(tensor.shape)}"
-                )
-            mask = _as_bool_mask(mask.to(tensor.device), f"load_state_dict: {fqn!r}")
-            masks[fqn] = (info["module"], info["tensor_name"], mask)
-        return masks
-
-    def _groups_to_load(self, model: nn.Module, groups: list, strict: bool) -> list[dict]:
-        loaded = []
-        for i, group in enumerate(groups):
-            if not isinstance(group, dict) or "tensor_fqn" not in group:
-                raise StateDictError(f"load_state_dict: groups[{i}] has no 'tensor_fqn': {group!r}")
-            try:
-                info = resolve_tensor_fqn(model, group["tensor_fqn"])
-            except FqnError as err:
-                if strict:
-                    raise StateDictError(f"load_state_dict: {err}") from None
-                continue
-            loaded_group = copy.deepcopy(group)
-            loaded_group.update(info)
-            self.validate_group(loaded_group)
-            loaded.append(loaded_group)
-        return loaded
-
-    @staticmethod
-    def _install_mask(
-        model: nn.Module, module: nn.Module, name: str, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Copy ``mask`` into the tensor's FakeSparsity (registering one, on the tensor and
-        every module tied to it, if needed)."""
-        sparsity = _sparsity_of(module, name)
-        if sparsity is None:
-            sparsity = FakeSparsity(mask.clone())
-            tensor = getattr(module, name)
-            for holder, holder_name in [(module, name), *tied_to(model, tensor, module)]:
-                parametrize.register_parametrization(holder, holder_name, sparsity)
-        elif sparsity.mask.dtype == mask.dtype:
-            sparsity.mask.copy_(mask)
-        else:
-            sparsity.mask.data = mask.clone()
-        return sparsity.mask

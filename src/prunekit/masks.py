@@ -89,13 +89,11 @@ def _kth_smallest_(values: torch.Tensor, k: int) -> float:
     return float(torch.kthvalue(values, k).values)
 
 
-def _select(
-    values: torch.Tensor, k: int, threshold: float, ties_first: bool = False
-) -> torch.Tensor:
+def _select(values: torch.Tensor, k: int, threshold: float) -> torch.Tensor:
     """Bool mask of exactly the ``k`` lowest ``values`` given the k-th smallest value.
 
-    Ties at the threshold go to the highest indices, as the reference's topk picks them
-    (to the lowest with ``ties_first``, as a stable sort does); NaN ranks above every number.
+    Ties at the threshold go to the highest indices, as the reference's topk picks them;
+    NaN ranks above every number.
     """
     flat = values.reshape(-1)
     nan = math.isnan(threshold)
@@ -106,8 +104,7 @@ def _select(
         if int(ties.count_nonzero()) == missing:
             chosen |= ties  # e.g. blocks pruned at an earlier step, all at score 0
         else:
-            tied = ties.nonzero().squeeze(1)
-            chosen[tied[:missing] if ties_first else tied[-missing:]] = True
+            chosen[ties.nonzero().squeeze(1)[-missing:]] = True
     return chosen.view(values.shape)
 
 
@@ -128,7 +125,6 @@ def _pruned_blocks(
     block_shape: tuple[int, int],
     sparsity_level: float,
     clamp_blocks: bool = True,
-    ties_first: bool = False,
 ) -> torch.Tensor:
     """Tensor level: which blocks are chosen for pruning (``round(sl * n_blocks)`` of them;
     with ``clamp_blocks``, never all of them unless ``sparsity_level >= 1``)."""
@@ -149,7 +145,7 @@ def _pruned_blocks(
         means = block_means(matrix, norm_fn, block_shape)
     else:
         threshold = _kth_smallest_(means.flatten().clone(), k)
-    return _select(means, k, threshold, ties_first)
+    return _select(means, k, threshold)
 
 
 def _expand_blocks(
@@ -167,11 +163,11 @@ def _lowest_in_blocks(
     norm_fn: NormFn,
     block_shape: tuple[int, int],
     zeros_per_block: int,
-    ties_first: bool = False,
+    in_block_ties_first: bool = False,
 ) -> torch.Tensor:
     """Block level, for one chunk of block rows: the ``zeros_per_block`` lowest elements of
     every block (elements of partial edge blocks that lie outside the matrix rank last;
-    ``ties_first`` breaks ties towards lower positions, as a stable sort does)."""
+    ``in_block_ties_first`` breaks ties towards lower positions, as a stable sort does)."""
     bh, bw = block_shape
     rows, cols = chunk.shape
     nbr, nbc = -(-rows // bh), -(-cols // bw)
@@ -179,7 +175,7 @@ def _lowest_in_blocks(
     if (nbr * bh, nbc * bw) != (rows, cols):
         scores = F.pad(scores, (0, nbc * bw - cols, 0, nbr * bh - rows), value=math.nan)
     blocks = scores.view(nbr, bh, nbc, bw).permute(0, 2, 1, 3).reshape(nbr, nbc, bh * bw)
-    if ties_first:
+    if in_block_ties_first:
         idx = blocks.sort(dim=-1, stable=True).indices[..., :zeros_per_block]
     else:
         idx = blocks.topk(zeros_per_block, dim=-1, largest=False).indices
@@ -203,7 +199,7 @@ def weight_norm_mask(
     norm_fn: NormFn = square,
     *,
     clamp_blocks: bool = True,
-    ties_first: bool = False,
+    in_block_ties_first: bool = False,
 ) -> torch.Tensor:
     """Keep-mask of ``WeightNormSparsifier`` for ``weight`` (any rank, scored as a matrix).
 
@@ -213,8 +209,8 @@ def weight_norm_mask(
     ``sparse_block_shape=(1, M)``, ``zeros_per_block=M-N``. ``clamp_blocks=False`` lets
     a level below 1 round up to every block (``DataNormSparsifier``); by default at
     least one block survives, as in the reference's ``WeightNormSparsifier``.
-    ``ties_first`` breaks ties of equal scores towards lower positions (a stable sort, as
-    the reference's ``DataNormSparsifier``) instead of higher ones (its ``topk``).
+    ``in_block_ties_first`` drops the first of equal elements inside a block (a stable
+    sort, as the reference's ``DataNormSparsifier``) instead of the last (its ``topk``).
 
     >>> m = weight_norm_mask(torch.randn(8, 8), 1.0, (1, 4), 2)
     >>> int(m.view(8, 2, 4).sum(-1).min())
@@ -229,7 +225,7 @@ def weight_norm_mask(
     if sparsity_level >= 1 and zeros == block_size:
         return torch.zeros_like(weight, dtype=torch.bool)
     matrix = as_matrix(weight.detach())
-    pruned = _pruned_blocks(matrix, norm_fn, (bh, bw), sparsity_level, clamp_blocks, ties_first)
+    pruned = _pruned_blocks(matrix, norm_fn, (bh, bw), sparsity_level, clamp_blocks)
     if zeros == block_size:
         return ~_expand_blocks(pruned, (bh, bw), matrix.shape).reshape(weight.shape)
     keep = torch.empty(matrix.shape, dtype=torch.bool, device=weight.device)
@@ -237,7 +233,7 @@ def weight_norm_mask(
     chunks = _row_chunks(rows, cols, bh)
     for r0 in chunks:
         chunk = matrix[r0 : r0 + chunks.step]
-        lowest = _lowest_in_blocks(chunk, norm_fn, (bh, bw), zeros, ties_first)
+        lowest = _lowest_in_blocks(chunk, norm_fn, (bh, bw), zeros, in_block_ties_first)
         chosen = _expand_blocks(pruned[r0 // bh : (r0 + chunks.step) // bh], (bh, bw), lowest.shape)
         keep[r0 : r0 + chunks.step] = ~(lowest & chosen)[: chunk.shape[0], :cols]
     return keep.view(weight.shape)

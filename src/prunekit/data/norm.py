@@ -38,7 +38,13 @@ def data_norm_mask(
     zeros = math.prod(block) if zeros_per_block is None else zeros_per_block
     matrix = as_matrix(data.detach().squeeze())
     keep = weight_norm_mask(
-        matrix, sparsity_level, block, zeros, _NORMS[norm], clamp_blocks=False, ties_first=True
+        matrix,
+        sparsity_level,
+        block,
+        zeros,
+        _NORMS[norm],
+        clamp_blocks=False,
+        in_block_ties_first=True,
     )
     return keep.reshape(data.shape)
 

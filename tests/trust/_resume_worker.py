@@ -9,6 +9,7 @@ saves the final masks and weights to ``OUT``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,20 +19,15 @@ from tests.trust._helpers import batches, make_scheduler, make_sparsifier, masks
 STEPS = 8
 
 
-def build() -> dict[str, Any]:
+def build(scheduler: Callable[[Any], Any] = make_scheduler) -> dict[str, Any]:
     """Everything a run needs, in the order a resume must follow: prepare the model,
     build optimizer and scheduler, and only then load state_dicts into them."""
     torch.set_num_threads(1)  # the same reduction order in both processes
     model = tiny_model(torch.float32)
     sparsifier = make_sparsifier(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.01)
-    scheduler = make_scheduler(sparsifier)
-    return {
-        "model": model,
-        "optimizer": optimizer,
-        "sparsifier": sparsifier,
-        "scheduler": scheduler,
-    }
+    parts = {"model": model, "optimizer": optimizer, "sparsifier": sparsifier}
+    return {**parts, "scheduler": scheduler(sparsifier)}
 
 
 def run(parts: dict[str, Any], start: int, stop: int) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import prunekit
 from tests.trust._resume_worker import STEPS, build, checkpoint, result, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,3 +67,33 @@ def test_resume_detects_a_wrong_checkpoint(tmp_path: Path, threads) -> None:
         part.load_state_dict(checkpoint(early)[name])
     run(resumed, 3, STEPS)
     assert max_difference(result(resumed), result(whole)) > 0
+
+
+def _lambda_run(saved: bytes | None, start: int, stop: int) -> tuple[dict, bytes]:
+    """LambdaSL variant of the loop, in this process; returns its result and checkpoint."""
+    import io
+
+    parts = build(lambda sparsifier: prunekit.LambdaSL(sparsifier, lambda epoch: min(1, epoch / 4)))
+    if saved is not None:
+        loaded = torch.load(io.BytesIO(saved), weights_only=True)
+        for name, part in parts.items():
+            part.load_state_dict(loaded[name])
+    run(parts, start, stop)
+    buffer = io.BytesIO()
+    torch.save(checkpoint(parts), buffer)
+    return result(parts), buffer.getvalue()
+
+
+def test_lambda_sl_checkpoint_loads_with_weights_only(threads) -> None:
+    """LambdaSL leaves its lambdas out of the state_dict (as torch's LambdaLR does): the
+    reference's dict holds functions, which torch.save cannot write."""
+    expected, _ = _lambda_run(None, 0, STEPS)
+    _, saved = _lambda_run(None, 0, 3)
+    resumed, _ = _lambda_run(saved, 3, STEPS)
+    assert max_difference(resumed, expected) == 0.0
+    assert int((~expected["masks"]["0.weight"]).sum()) == 2 * 19  # levels 0.8 and 0.6 reached
+    sparsifier = build()["sparsifier"]
+    reference_style = {**prunekit.LambdaSL(sparsifier, abs).state_dict(), "sl_lambdas": [round]}
+    scheduler = prunekit.LambdaSL(sparsifier, lambda epoch: 0.5)
+    scheduler.load_state_dict(reference_style)
+    assert scheduler.sl_lambdas[0](7) == 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prunekit.errors import ConfigError, ConfigTypeError
 from prunekit.scheduler.base import BaseScheduler, check_sparsifier
@@ -45,6 +46,16 @@ class LambdaSL(BaseScheduler):
                 raise ConfigTypeError(f"LambdaSL: sl_lambda[{i}] must be callable, got {fn!r}")
         self.sl_lambdas = lambdas
         super().__init__(sparsifier, last_epoch, verbose)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the sparsifier and the lambdas: like torch's ``LambdaLR``, code is
+        not state, so the dict saves with ``torch.save`` and loads with ``weights_only``."""
+        return {k: v for k, v in super().state_dict().items() if k != "sl_lambdas"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state; the lambdas given to the constructor stay (also when the dict
+        comes from the reference, which saves them)."""
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "sl_lambdas"})
 
     def get_sl(self) -> list[float]:
         self._warn_outside_step()

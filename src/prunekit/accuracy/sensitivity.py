@@ -225,21 +225,34 @@ def allocate(
                           "scan up to that level first")
     check_budget(scan.sizes, float(target), lo, hi)
     drops = {n: scan.drops(n) for n in names}
+    return _solve(scan, drops, lo, hi, float(target))
+
+
+def _weighted_mean(levels: dict[str, float], sizes: Mapping[str, int]) -> float:
+    return sum(levels[n] * sizes[n] for n in levels) / sum(sizes[n] for n in levels)
+
+
+def _solve(
+    scan: SensitivityTable, drops: dict[str, list[float]], lo: dict[str, float],
+    hi: dict[str, float], target: float,
+) -> dict[str, float]:
+    """Bisect the common tolerated drop until the levels average to ``target``; the last
+    gap is closed by interpolating between the two bracketing allocations."""
 
     def levels_at(tolerance: float) -> dict[str, float]:
-        if tolerance < 0:
+        if tolerance < 0:  # below every drop: the minimum levels
             return dict(lo)
-        return {n: min(max(_level_at(scan.levels, drops[n], tolerance), lo[n]), hi[n])
-                for n in names}
-
-    def mean(levels: dict[str, float]) -> float:
-        return sum(levels[n] * scan.sizes[n] for n in names) / sum(scan.sizes.values())
+        return {n: min(max(_level_at(scan.levels, d, tolerance), lo[n]), hi[n])
+                for n, d in drops.items()}
 
     t_lo, t_hi = -1.0, max([0.0, *(max(d) for d in drops.values())]) + 1.0
     for _ in range(60):
         mid = (t_lo + t_hi) / 2
-        t_lo, t_hi = (mid, t_hi) if mean(levels_at(mid)) < target else (t_lo, mid)
-    below, above_t = levels_at(t_lo), levels_at(t_hi)
-    gap = mean(above_t) - mean(below)
-    w = 1.0 if gap <= 0 else (target - mean(below)) / gap
-    return {n: below[n] + w * (above_t[n] - below[n]) for n in names}
+        if _weighted_mean(levels_at(mid), scan.sizes) < target:
+            t_lo = mid
+        else:
+            t_hi = mid
+    below, above = levels_at(t_lo), levels_at(t_hi)
+    gap = _weighted_mean(above, scan.sizes) - _weighted_mean(below, scan.sizes)
+    w = 1.0 if gap <= 0 else (target - _weighted_mean(below, scan.sizes)) / gap
+    return {n: below[n] + w * (above[n] - below[n]) for n in drops}

@@ -31,11 +31,18 @@ def test_unstructured_stage_follows_a_cubic_schedule():
     seen = []
     levels = unstructured_stage(model, 0.8, steps=4, ignore=["classifier.3"],
                                 between_steps=lambda step, level: seen.append((step, level)))
-    assert levels == pytest.approx([0.0, 0.8 * (1 - (2 / 3) ** 3), 0.8 * (1 - (1 / 3) ** 3), 0.8])
+    assert levels == pytest.approx([0.8 * (1 - (3 / 4) ** 3), 0.8 * (1 - (2 / 4) ** 3),
+                                    0.8 * (1 - (1 / 4) ** 3), 0.8])
     assert [s for s, _ in seen] == [0, 1, 2, 3]
     assert float((model.features[3].weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
     assert int((model.classifier[3].weight == 0).sum()) == 0
     assert not hasattr(model.features[3], "parametrizations")  # squashed
+
+
+def test_one_step_goes_straight_to_the_target():
+    model = DigitsCNN()
+    assert unstructured_stage(model, 0.5, steps=1) == [0.5]
+    assert float((model.features[0].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
 
 
 def test_unstructured_stage_with_nothing_to_prune():

@@ -22,20 +22,27 @@ def _pyplot() -> Any:
     return plt
 
 
+def _removed(rows: list[dict], base: dict[str, int]) -> dict[str, float]:
+    """Share of each layer's weights gone (zeroed or sliced away) against ``base``."""
+    return {r["name"]: 1.0 - r["nonzero"] / base.get(r["name"], r["params"]) for r in rows}
+
+
 def _sparsity_plot(plt: Any, report: dict, file: Path) -> None:
     layers = report["layers"]
-    names = [r["name"] for r in next(iter(layers.values()))]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 2), 3.6))
+    first = next(iter(layers.values()))
+    names, base = [r["name"] for r in first], {r["name"]: r["params"] for r in first}
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 2), 3.8))
     width = 0.8 / len(layers)
     for i, (label, rows) in enumerate(layers.items()):
-        by_name = {r["name"]: r["sparsity"] for r in rows}
+        removed = _removed(rows, base)
         xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [100 * by_name.get(n, 0.0) for n in names], width, label=label)
+        ax.bar(xs, [100 * removed.get(n, 0.0) for n in names], width, label=label)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=45, ha="right")
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Sparsity per layer")
-    ax.legend(fontsize="small")
+    ax.set_ylabel("weights removed (%)")
+    ax.set_ylim(0, 120)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_title(f"Weights zeroed or removed per layer (vs. {next(iter(layers))})")
+    ax.legend(fontsize="small", loc="upper center", ncol=min(3, len(layers)))
     fig.tight_layout()
     fig.savefig(file, dpi=110)
     plt.close(fig)

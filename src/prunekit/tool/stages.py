@@ -83,7 +83,8 @@ def unstructured_stage(model: nn.Module, sparsity: float, *, steps: int = 1,
                        block: Sequence[int] = (1, 1), zeros_per_block: int | None = None,
                        layer_types: Sequence[str] = tuple(_LAYER_TYPES), ignore: Sequence[str] = (),
                        between_steps: Callable[[int, float], None] | None = None) -> list[float]:
-    """Magnitude pruning to ``sparsity`` along a cubic schedule of ``steps`` steps.
+    """Magnitude pruning to ``sparsity`` in ``steps`` mask updates along a cubic schedule
+    (one update straight to the target when ``steps`` is 1).
 
     ``between_steps(step, level)`` runs after each mask update (the demo fine-tunes
     there); the masks are squashed into the weights at the end. Returns the levels.
@@ -101,7 +102,8 @@ def unstructured_stage(model: nn.Module, sparsity: float, *, steps: int = 1,
         kwargs["zeros_per_block"] = zeros_per_block
     sparsifier = prunekit.WeightNormSparsifier(**kwargs)
     sparsifier.prepare(model, [{"tensor_fqn": f} for f in fqns])
-    scheduler = prunekit.CubicSL(sparsifier, init_sl=0.0, delta_t=1, total_t=max(1, steps - 1))
+    # init_t=-1: the first of the ``steps`` updates already prunes, the last hits the target
+    scheduler = prunekit.CubicSL(sparsifier, init_sl=0.0, init_t=-1, delta_t=1, total_t=steps)
     levels = []
     for step in range(steps):
         sparsifier.step()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.structured.engine import importance_names, prune
-from tests.structured.zoo import ResNet, check_equivalent
+from tests.structured.zoo import ResNet, TinyLlama, ViT, check_equivalent
 
 
 class SplitChunk(nn.Module):
@@ -128,7 +128,7 @@ def test_layernorm_is_reported_inexact() -> None:
     torch.manual_seed(0)
     plan = prune(Tokens(), torch.randint(0, 30, (2, 5)), ratio=0.5)
     assert plan.inexact == ["ln"]
-    assert "LayerNorm statistics change in ln" in str(plan)
+    assert "normalisation statistics change in ln" in str(plan)
 
 
 def test_unknown_op_freezes_its_channels_but_stays_correct() -> None:
@@ -195,3 +195,45 @@ def test_taylor_uses_user_gradients() -> None:
     model(x).sum().backward()
     check_equivalent(model, x, ratio=0.5, importance="taylor")
     assert model.stem[0].out_channels == 4
+
+
+def test_whole_heads_and_gqa_groups_are_pruned_and_attributes_follow() -> None:
+    torch.manual_seed(0)
+    model, tokens = TinyLlama(), torch.randint(0, 64, (2, 6))
+    plan = check_equivalent(model, tokens, ratio=0.5)
+    block = model.blocks[0]
+    assert (block.num_heads, block.num_key_value_heads, block.head_dim) == (2, 1, 8)
+    assert (block.q_proj.out_features, block.k_proj.out_features) == (16, 8)
+    assert block.o_proj.in_features == 16 and block.down.in_features == 24
+    changes = {(a.owner, a.name): (a.old, a.new) for a in plan.attrs}
+    assert changes[("blocks.0", "num_key_value_heads")] == (2, 1)
+    assert "attribute blocks.0.num_heads: 4 -> 2" in str(plan)
+
+
+def test_head_split_ties_a_heads_channels() -> None:
+    torch.manual_seed(0)
+    model = ViT()
+    plan = prune(model, torch.randn(1, 3, 32, 32), ratio=0.5)
+    heads = next(g for g in plan.groups if "blocks.0.attn.q_proj.weight[0]" in g.members)
+    assert heads.width == 4 and len(heads.kept) == 2
+    assert {"blocks.0.attn.k_proj.weight[0]", "blocks.0.attn.o_proj.weight[1]"} <= set(
+        heads.members
+    )
+    plan.apply()
+    assert model.blocks[0].attn.heads == 2 and model.blocks[0].attn.head_dim == 8
+
+
+def test_literal_sizes_without_a_known_attribute_freeze_heads() -> None:
+    class Literal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.o = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x).view(x.shape[0], 2, 4)  # 2 heads, written as a literal
+            return self.o((q * q.softmax(-1)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Literal()
+    check_equivalent(model, torch.randn(3, 8), ratio=0.5)
+    assert model.q.out_features == 8

@@ -248,6 +248,47 @@ class LSTMNet(nn.Module):
         return self.fc(out[:, -1])
 
 
+class GQABlock(nn.Module):
+    """LLaMA-style block: RMSNorm, grouped-query attention (Hugging Face attribute names,
+    ``repeat_interleave`` + ``scaled_dot_product_attention``), SwiGLU MLP via ``chunk``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.input_norm, self.post_norm = nn.RMSNorm(dim), nn.RMSNorm(dim)
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.input_norm(x)
+        q = self.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        groups = self.num_heads // self.num_key_value_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, vocab: int = 64, dim: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(*(GQABlock(dim, 4, 2, 48) for _ in range(depth)))
+        self.norm = nn.RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.blocks(self.embed(tokens))))
+
+
 def small_zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
     """name -> (model factory, example input factory), sized for fast tests."""
     return {
@@ -266,18 +307,23 @@ def small_zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.T
         "densenet": (DenseBlockNet, lambda: torch.randn(2, 3, 8, 8)),
         "vit": (ViT, lambda: torch.randn(2, 3, 32, 32)),
         "lstm": (LSTMNet, lambda: torch.randint(0, 50, (2, 7))),
+        "llama-gqa": (TinyLlama, lambda: torch.randint(0, 64, (2, 6))),
     }
 
 
 class _MaskedLayerNorm(nn.Module):
-    """LayerNorm over the kept channels only, zeros elsewhere: what the shrunk LN computes."""
+    """LayerNorm/RMSNorm over the kept channels only, zeros elsewhere: what the shrunk
+    norm computes."""
 
-    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor) -> None:
+    def __init__(self, ln: nn.Module, keep: torch.Tensor) -> None:
         super().__init__()
         self.ln, self.keep = ln, keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = x.index_select(-1, self.keep)
+        if isinstance(self.ln, nn.RMSNorm):
+            y = F.rms_norm(kept, (self.keep.numel(),), self.ln.weight[self.keep], self.ln.eps)
+            return torch.zeros_like(x).index_copy(-1, self.keep, y)
         y = F.layer_norm(
             kept,
             (self.keep.numel(),),

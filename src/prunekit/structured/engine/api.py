@@ -11,7 +11,7 @@ import numpy as np
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
-from prunekit.structured.engine.apply import Slice
+from prunekit.structured.engine.apply import AttrChange, Slice
 from prunekit.structured.engine.capture import capture
 from prunekit.structured.engine.channels.groups import ChannelGraph, build_groups
 from prunekit.structured.engine.channels.propagate import propagate
@@ -59,7 +59,9 @@ def prune(
         "global_pruning": global_pruning,
         "min_channels": min_channels,
     }
-    return _make_plan(model, ctx.calls, channels, pruned, settings, sorted(ctx.inexact))
+    plan = _make_plan(model, ctx.calls, channels, pruned, settings, sorted(ctx.inexact))
+    plan.attrs = _attr_changes(ctx.attrs, channels, pruned)
+    return plan
 
 
 def _check_args(
@@ -99,6 +101,18 @@ def _ignored_fqns(model: nn.Module, layers: Iterable[str | nn.Module]) -> set[st
                 f"ignored layer {layer!r} is not a module of the model; did you mean {close}?"
             )
     return out
+
+
+def _attr_changes(
+    attrs: dict[tuple[str, str], tuple[int, np.ndarray]], channels: ChannelGraph, pruned: np.ndarray
+) -> list[AttrChange]:
+    """New values of the count attributes (``num_heads``...) the code's literals read."""
+    changes = []
+    for (owner, name), (old, ids) in sorted(attrs.items()):
+        new = old - int(np.isin(channels.classes_of(ids), pruned).sum())
+        if new != old:
+            changes.append(AttrChange(owner, name, old, new))
+    return changes
 
 
 def _make_plan(

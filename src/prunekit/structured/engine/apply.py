@@ -14,7 +14,7 @@ from prunekit.errors import StateError
 from prunekit.fqn import fqn_to_module
 from prunekit.structured.engine.layers import layer_pruner
 
-__all__ = ["Slice", "apply_slices"]
+__all__ = ["AttrChange", "Slice", "apply_slices"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,25 @@ class Slice:
     dim: int
     size: int
     keep: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AttrChange:
+    """Integer attribute ``owner.name`` (e.g. ``num_heads``) goes from ``old`` to ``new``."""
+
+    owner: str
+    name: str
+    old: int
+    new: int
+
+
+def _check_attr(model: nn.Module, change: AttrChange) -> None:
+    value = getattr(model.get_submodule(change.owner), change.name, None)
+    if value != change.old:
+        raise StateError(
+            f"plan expects {change.owner}.{change.name} == {change.old} but it is {value!r}; "
+            "was the model changed (or the plan applied) already?"
+        )
 
 
 def _tensor(model: nn.Module, s: Slice) -> torch.Tensor:
@@ -53,9 +72,13 @@ def _sliced(tensor: torch.Tensor, slices: Sequence[Slice]) -> torch.Tensor:
     return out
 
 
-def apply_slices(model: nn.Module, slices: Sequence[Slice]) -> None:
+def apply_slices(
+    model: nn.Module, slices: Sequence[Slice], attrs: Sequence[AttrChange] = ()
+) -> None:
     """Shrink ``model`` in place. Raises ``StateError`` (model untouched) if any entry
     does not match the model."""
+    for change in attrs:
+        _check_attr(model, change)
     by_tensor: dict[tuple[str, str], list[Slice]] = defaultdict(list)
     for s in slices:
         _tensor(model, s)
@@ -68,3 +91,5 @@ def apply_slices(model: nn.Module, slices: Sequence[Slice]) -> None:
         pruner = layer_pruner(module)
         if pruner is not None:
             pruner.resize(module)
+    for change in attrs:
+        setattr(model.get_submodule(change.owner), change.name, change.new)

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from prunekit.errors import ConfigError, StateError
-from prunekit.structured.engine.apply import Slice, apply_slices
+from prunekit.structured.engine.apply import AttrChange, Slice, apply_slices
 
 __all__ = ["GroupSummary", "PrunePlan"]
 
@@ -46,6 +46,7 @@ class PrunePlan:
     totals: dict[str, int]
     settings: dict[str, Any] = field(default_factory=dict)
     inexact: list[str] = field(default_factory=list)
+    attrs: list[AttrChange] = field(default_factory=list)
     applied: bool = False
 
     def apply(self) -> nn.Module:
@@ -53,7 +54,7 @@ class PrunePlan:
         Parameters are new objects afterwards, so rebuild optimizers."""
         if self.applied:
             raise StateError("this PrunePlan was applied already; a plan applies once")
-        apply_slices(self.model, self.slices)
+        apply_slices(self.model, self.slices, self.attrs)
         self.applied = True
         return self.model
 
@@ -65,6 +66,9 @@ class PrunePlan:
             "settings": dict(self.settings),
             "totals": dict(self.totals),
             "inexact": list(self.inexact),
+            "attrs": [
+                {"owner": a.owner, "name": a.name, "old": a.old, "new": a.new} for a in self.attrs
+            ],
             "slices": [
                 {
                     "owner": s.owner,
@@ -116,6 +120,10 @@ class PrunePlan:
             dict(data["totals"]),
             dict(data["settings"]),
             list(data["inexact"]),
+            [
+                AttrChange(a["owner"], a["name"], int(a["old"]), int(a["new"]))
+                for a in data["attrs"]
+            ],
         )
 
     def __str__(self) -> str:
@@ -131,8 +139,10 @@ class PrunePlan:
                 f"{_abbrev(g.kept)}, saves {g.params_saved:,} params, {g.macs_saved:,} MACs "
                 f"(alone) | {_abbrev_names(g.members)}"
             )
+        for a in self.attrs:
+            lines.append(f"  attribute {a.owner}.{a.name}: {a.old} -> {a.new}")
         if self.inexact:
-            lines.append(f"  note: LayerNorm statistics change in {', '.join(self.inexact)}")
+            lines.append(f"  note: normalisation statistics change in {', '.join(self.inexact)}")
         return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from torch import fx
+from torch import fx, nn
 
 from prunekit.structured.engine.channels.state import Member, Tracked
 from prunekit.structured.engine.channels.unionfind import ChannelUnionFind
@@ -18,13 +18,15 @@ Shape = tuple[int, ...]
 class Propagation:
     """Channel ids, the tensors they index (members) and the state of every graph value."""
 
-    def __init__(self, shapes: dict[fx.Node, Any]) -> None:
+    def __init__(self, root: nn.Module, shapes: dict[fx.Node, Any]) -> None:
+        self.root = root
         self.uf = ChannelUnionFind()
         self.members: dict[tuple[str, str, int], Member] = {}
         self.env: dict[fx.Node, Any] = {}
         self.shapes = shapes
         self.inexact: set[str] = set()
         self.calls: list[tuple[str, Any]] = []
+        self.attrs: dict[tuple[str, str], tuple[int, np.ndarray]] = {}
 
     def state(self, arg: Any) -> Any:
         """The channel state of an fx argument (``None`` for constants and untracked)."""
@@ -63,6 +65,15 @@ class Propagation:
             self.union(self.members[key].ids, ids)
             return
         self.members[key] = Member(owner, name, dim, np.asarray(ids, dtype=np.int64))
+
+    def add_attr(self, owner: str, name: str, old: int, ids: np.ndarray) -> None:
+        """Integer attribute ``owner.name`` (e.g. ``num_heads``) counts the channels
+        ``ids``: after pruning it becomes the number kept."""
+        key = (owner, name)
+        if key in self.attrs and self.attrs[key][1].size == ids.size:
+            self.union(self.attrs[key][1], ids)
+        elif key not in self.attrs:
+            self.attrs[key] = (old, np.asarray(ids, dtype=np.int64))
 
     def input_ids(self, arg: Any, dim: int, size: int) -> np.ndarray:
         """Ids of channel dim ``dim`` (negative allowed) of an input, or fresh frozen ones

@@ -29,7 +29,9 @@ class Group:
 
     def member_names(self) -> tuple[str, ...]:
         """``owner.tensor[dim]`` of every member, in graph order."""
-        return tuple(dict.fromkeys(f"{m.owner}.{m.name}[{m.dim}]" for m in self.members))
+        return tuple(
+            dict.fromkeys(f"{m.owner}.{m.name}[{m.dim}]".lstrip(".") for m in self.members)
+        )
 
 
 @dataclass
@@ -40,6 +42,12 @@ class ChannelGraph:
     members: dict[tuple[str, str, int], Member]
     groups: list[Group]
     n_classes: int
+    dense_of_root: dict[int, int]
+    roots: np.ndarray
+
+    def classes_of(self, ids: np.ndarray) -> np.ndarray:
+        """Dense class of each id; -1 for ids no tensor is indexed by."""
+        return np.array([self.dense_of_root.get(r, -1) for r in self.roots[ids].tolist()])
 
 
 def build_groups(ctx: Propagation) -> ChannelGraph:
@@ -67,7 +75,9 @@ def build_groups(ctx: Propagation) -> ChannelGraph:
     for key, m in ctx.members.items():
         for gi in np.unique(group_of_class[member_classes[key]]).tolist():
             groups[gi].members.append(m)
-    return ChannelGraph(member_classes, dict(ctx.members), groups, int(class_roots.size))
+    return ChannelGraph(
+        member_classes, dict(ctx.members), groups, int(class_roots.size), dense_of_root, roots
+    )
 
 
 def _space_components(roots: np.ndarray, spaces: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,18 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from prunekit.structured.engine.channels import heads
+from prunekit.structured.engine.channels.common import Handler, arg, unknown
 from prunekit.structured.engine.channels.context import Propagation
-from prunekit.structured.engine.channels.shapes import follow_index, follow_reduce, follow_reshape
+from prunekit.structured.engine.channels.shapes import follow_index, follow_reduce
 from prunekit.structured.engine.channels.state import AttrRef, Tracked
 
 __all__ = ["function_handler", "method_handler", "module_handler", "unknown"]
-
-Handler = Callable[[fx.Node, Propagation], Any]
-
-
-def unknown(node: fx.Node, ctx: Propagation) -> Any:
-    ctx.freeze([ctx.state(a) for a in node.args] + [ctx.state(a) for a in node.kwargs.values()])
-    return None
 
 
 def _first(node: fx.Node, ctx: Propagation) -> Any:
@@ -37,10 +31,6 @@ def _first(node: fx.Node, ctx: Propagation) -> Any:
 
 def _nothing(node: fx.Node, ctx: Propagation) -> Any:
     return None
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _resolve(ctx: Propagation, arg: Any, out_dim: int, ndim: int, ids: np.ndarray) -> bool:
@@ -77,9 +67,9 @@ def _elementwise(node: fx.Node, ctx: Propagation) -> Any:
 
 
 def _cat(node: fx.Node, ctx: Propagation) -> Any:
-    tensors = list(_arg(node, 0, "tensors", ()))
+    tensors = list(arg(node, 0, "tensors", ()))
     ndim = len(ctx.shape(node))
-    dim = _arg(node, 1, "dim", 0) % ndim
+    dim = arg(node, 1, "dim", 0) % ndim
     states = [ctx.state(t) for t in tensors]
     lead = next((s for s in states if isinstance(s, Tracked)), None)
     if lead is None:
@@ -105,7 +95,7 @@ def _split(node: fx.Node, ctx: Propagation) -> Any:
     if not isinstance(state, Tracked):
         return None
     ndim = len(ctx.shape(node.args[0]))
-    dim = _arg(node, 2, "dim", 0) % ndim
+    dim = arg(node, 2, "dim", 0) % ndim
     outs = ctx.shape(node)
     if dim != state.dim:
         return tuple(Tracked(state.dim, state.ids) for _ in outs)
@@ -130,37 +120,12 @@ def _getitem(node: fx.Node, ctx: Propagation) -> Any:
     return unknown(node, ctx) if moved is None else Tracked(*moved)
 
 
-def _reshape(node: fx.Node, ctx: Propagation) -> Any:
-    state = ctx.state(node.args[0])
-    if not isinstance(state, Tracked):
-        return None
-    moved = follow_reshape(ctx.shape(node.args[0]), ctx.shape(node), state.dim, state.ids)
-    if moved is None or _constant_width(node, moved[0]):
-        return unknown(node, ctx)
-    return Tracked(*moved)
-
-
-def _constant_width(node: fx.Node, dim: int) -> bool:
-    """``view``/``reshape`` whose target size at the channel dim is a literal (not -1,
-    not computed from a tensor's size): the code would break once the width changes."""
-    if node.target not in ("view", "reshape", torch.reshape):
-        return False
-    sizes = (
-        node.args[1]
-        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-        else node.args[1:]
-    )
-    if "shape" in node.kwargs:
-        sizes = node.kwargs["shape"]
-    return len(sizes) > dim and isinstance(sizes[dim], int) and sizes[dim] != -1
-
-
 def _transpose(node: fx.Node, ctx: Propagation) -> Any:
     state = ctx.state(node.args[0])
     if not isinstance(state, Tracked):
         return None
     ndim = len(ctx.shape(node))
-    a, b = _arg(node, 1, "dim0", 0) % ndim, _arg(node, 2, "dim1", 1) % ndim
+    a, b = arg(node, 1, "dim0", 0) % ndim, arg(node, 2, "dim1", 1) % ndim
     dim = b if state.dim == a else a if state.dim == b else state.dim
     return Tracked(dim, state.ids)
 
@@ -179,7 +144,7 @@ def _reduce(node: fx.Node, ctx: Propagation) -> Any:
     if not isinstance(state, Tracked):
         return None
     ndim = len(ctx.shape(node.args[0]))
-    dims, keep = _arg(node, 1, "dim", None), _arg(node, 2, "keepdim", False)
+    dims, keep = arg(node, 1, "dim", None), arg(node, 2, "keepdim", False)
     dim = follow_reduce(dims, keep, ndim, state.dim)
     return unknown(node, ctx) if dim is None else Tracked(dim, state.ids)
 
@@ -187,7 +152,7 @@ def _reduce(node: fx.Node, ctx: Propagation) -> Any:
 def _softmax(node: fx.Node, ctx: Propagation) -> Any:
     state = ctx.state(node.args[0])
     ndim = len(ctx.shape(node))
-    if isinstance(state, Tracked) and _arg(node, 1, "dim", -1) % ndim == state.dim:
+    if isinstance(state, Tracked) and arg(node, 1, "dim", -1) % ndim == state.dim:
         return unknown(node, ctx)
     return state
 
@@ -198,14 +163,6 @@ def _spatial(node: fx.Node, ctx: Propagation) -> Any:
     if isinstance(state, Tracked) and state.dim != 1:
         return unknown(node, ctx)
     return state
-
-
-def _expand(node: fx.Node, ctx: Propagation) -> Any:
-    state = ctx.state(node.args[0])
-    shift = len(ctx.shape(node)) - len(ctx.shape(node.args[0]))
-    if isinstance(state, Tracked):
-        return Tracked(state.dim + shift, state.ids)
-    return state if shift == 0 else None
 
 
 _UNARY_FUNCS = (
@@ -259,10 +216,15 @@ _FUNCTIONS: dict[Any, Handler] = {
     torch.split: _split,
     torch.chunk: _split,
     operator.getitem: _getitem,
-    torch.flatten: _reshape,
-    torch.reshape: _reshape,
-    torch.squeeze: _reshape,
-    torch.unsqueeze: _reshape,
+    operator.matmul: heads.matmul,
+    torch.matmul: heads.matmul,
+    torch.bmm: heads.matmul,
+    F.scaled_dot_product_attention: heads.sdpa,
+    torch.repeat_interleave: heads.repeat_interleave,
+    torch.flatten: heads.reshape,
+    torch.reshape: heads.reshape,
+    torch.squeeze: heads.reshape,
+    torch.unsqueeze: heads.reshape,
     torch.transpose: _transpose,
     torch.permute: _permute,
     torch.mean: _reduce,
@@ -324,7 +286,9 @@ _METHODS: dict[str, Handler] = {
         ),
         _elementwise,
     ),
-    **dict.fromkeys(("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"), _reshape),
+    **dict.fromkeys(
+        ("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"), heads.reshape
+    ),
     **dict.fromkeys(("size", "dim", "numel"), _nothing),
     "split": _split,
     "chunk": _split,
@@ -334,8 +298,11 @@ _METHODS: dict[str, Handler] = {
     "sum": _reduce,
     "amax": _reduce,
     "softmax": _softmax,
-    "expand": _expand,
-    "expand_as": _expand,
+    "expand": heads.expand,
+    "matmul": heads.matmul,
+    "bmm": heads.matmul,
+    "repeat_interleave": heads.repeat_interleave,
+    "expand_as": heads.expand,
 }
 _MODULES: dict[type[nn.Module], Handler] = {
     **dict.fromkeys(
@@ -379,8 +346,8 @@ _MODULES: dict[type[nn.Module], Handler] = {
         ),
         _spatial,
     ),
-    nn.Flatten: _reshape,
-    nn.Unflatten: _reshape,
+    nn.Flatten: heads.reshape,
+    nn.Unflatten: heads.reshape,
 }
 
 

@@ -25,7 +25,7 @@ def propagate(
 ) -> Propagation:
     """Channel ids of every value of ``graph`` (captured from ``model``). Graph outputs
     and the outputs of ``ignored`` modules are frozen, so their widths never change."""
-    ctx = Propagation(shapes)
+    ctx = Propagation(model, shapes)
     for node in graph.nodes:
         if node.op == "output":
             ctx.freeze(ctx.state(node.args[0]))

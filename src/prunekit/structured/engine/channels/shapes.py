@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["follow_index", "follow_reduce", "follow_reshape"]
+__all__ = ["follow_index", "follow_reduce", "follow_reshape", "follow_split"]
 
 
 def follow_reshape(
@@ -31,6 +31,26 @@ def follow_reshape(
             block = np.broadcast_to(ids.reshape(grid), in_shape[start:stop])
             return j, np.ascontiguousarray(block).reshape(-1)
         prefix *= size
+    return None
+
+
+def follow_split(
+    in_shape: tuple[int, ...], out_shape: tuple[int, ...], dim: int
+) -> tuple[int, int] | None:
+    """``(j, outer)`` when a reshape splits channel dim ``dim`` into out dims j, j+1
+    (e.g. width -> heads x head_dim); ``None`` otherwise."""
+    before = math.prod(in_shape[:dim])
+    prefix = 1
+    for j in range(len(out_shape) - 1):
+        if (
+            prefix == before
+            and out_shape[j] * out_shape[j + 1] == in_shape[dim]
+            and out_shape[j] not in (1, in_shape[dim])
+        ):
+            return j, out_shape[j]
+        prefix *= out_shape[j]
+        if prefix > before:
+            break
     return None
 
 

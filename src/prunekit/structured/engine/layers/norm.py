@@ -65,13 +65,13 @@ class GroupNormPruner(LayerPruner):
 
 @register_layer
 class LayerNormPruner(LayerPruner):
-    """Affine LayerNorm over the last dim. Its mean and variance are taken over the
+    """Affine LayerNorm/RMSNorm over the last dim. Their statistics are taken over the
     channels, so pruning them changes the statistics: recorded as *inexact*."""
 
-    types = (nn.LayerNorm,)
+    types = (nn.LayerNorm, nn.RMSNorm)
 
     def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
-        assert isinstance(module, nn.LayerNorm)
+        assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
         state = ctx.state(node.args[0])
         shape = ctx.shape(node.args[0])
         ndim, normed = len(shape), len(module.normalized_shape)
@@ -81,11 +81,11 @@ class LayerNormPruner(LayerPruner):
             ctx.freeze(state)
             return None
         ctx.add_member(fqn, "weight", 0, state.ids)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             ctx.add_member(fqn, "bias", 0, state.ids)
         ctx.inexact.add(fqn)
         return state
 
     def resize(self, module: nn.Module) -> None:
-        assert isinstance(module, nn.LayerNorm)
+        assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
         module.normalized_shape = (module.weight.shape[0],)

@@ -87,13 +87,14 @@ def capture_inputs(
 ) -> list[BlockInput]:
     """The inputs of the first block for every batch. The first batch runs through the
     whole model, so that a batch the model rejects anywhere raises ``ConfigError`` before
-    any weight changes; the others stop at the first block."""
+    any weight changes; the others stop at the first block, unless that block is the
+    whole model (then every batch runs once here, for the same reason)."""
     fqn, block = first
     records: list[BlockInput] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         records.append(BlockInput(tuple(args), dict(kwargs)))
-        if len(records) > 1:
+        if len(records) > 1 and block is not model:
             raise _Reached
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

@@ -166,15 +166,18 @@ def sparsegpt_reconstruct(
     product. The new weight is float32 and zero where the mask is False. Unstructured
     sparsity is exact per layer: each block drops its share of
     ``prune_count(numel, sparsity)``; with ``nm`` every group of M consecutive inputs of
-    a row keeps N (M must divide the width and ``blocksize``).
+    a row keeps N (M must divide the width; ``blocksize`` is rounded down to a multiple
+    of M).
     """
     cols = weight.shape[1]
     if hinv_upper.shape != (cols, cols):
         raise ConfigError(f"SparseGPT: factor shape {tuple(hinv_upper.shape)} does not match "
                           f"weight {tuple(weight.shape)}; expected ({cols}, {cols})")
-    if nm is not None and (cols % nm[1] or blocksize % nm[1]):
+    if nm is not None and cols % nm[1]:
         raise ConfigError(f"SparseGPT: pattern {nm[0]}:{nm[1]} needs M to divide the input "
-                          f"width ({cols}) and blocksize ({blocksize})")
+                          f"width, got {cols}")
+    if nm is not None:  # N:M groups must not straddle two blocks
+        blocksize = max(nm[1], blocksize - blocksize % nm[1])
     w = weight.detach().to(torch.float32).clone()
     total = prune_count(w.numel(), sparsity)
     keep = torch.ones_like(w, dtype=torch.bool)

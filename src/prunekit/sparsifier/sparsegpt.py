@@ -58,12 +58,6 @@ class SparseGPTSparsifier(CalibratedSparsifier):
             raise ConfigError(
                 f"{where}: need blocksize >= 1 and percdamp > 0, got {blocksize}, {percdamp}"
             )
-        nm = parse_pattern(where, group.get("pattern"))
-        if nm is not None and blocksize % nm[1]:
-            raise ConfigError(
-                f"{where}: blocksize {blocksize} must be a multiple of M={nm[1]} for "
-                f"{nm[0]}:{nm[1]}"
-            )
 
     def new_statistic(self, weight: torch.Tensor) -> torch.Tensor:
         n = weight.shape[1]

@@ -1,0 +1,182 @@
+"""The pure one-shot functions: Wanda scores, row / N:M selection, the SparseGPT solver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prunekit.errors import ConfigError
+from prunekit.masks import lowest_k
+from prunekit.sparsifier.oneshot_math import (
+    damped_inverse_cholesky,
+    prune_count,
+    row_keep_mask,
+    sparsegpt_prune,
+    sparsegpt_reconstruct,
+    wanda_keep_mask,
+    wanda_scores,
+)
+
+
+def correlated(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose features are strongly correlated and of very different scales."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=g) * torch.logspace(0, -2, width)[:, None]
+    return torch.randn(tokens, width, generator=g) @ mix
+
+
+def rel_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float((x @ w.T - x @ w_hat.T).norm() / (x @ w.T).norm())
+
+
+def test_wanda_scores_are_weight_magnitude_times_input_norm():
+    w = torch.tensor([[1.0, -2.0], [-3.0, 0.5]])
+    sq = torch.tensor([4.0, 9.0])
+    assert torch.equal(wanda_scores(w, sq), torch.tensor([[2.0, 6.0], [6.0, 1.5]]))
+
+
+def test_row_keep_mask_compares_within_each_row():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
+    keep = row_keep_mask(scores, 0.5)
+    assert keep.tolist() == [[False, False, True, True], [False, False, True, True]]
+
+
+def test_row_keep_mask_gives_the_remainder_to_the_first_rows():
+    keep = row_keep_mask(torch.arange(12.0).view(3, 4), 5 / 12)  # 5 of 12: rows drop 2, 2, 1
+    assert (~keep).sum(1).tolist() == [2, 2, 1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 17),
+    sparsity=st.floats(0, 1),
+    seed=st.integers(0, 1000),
+)
+def test_row_keep_mask_reaches_the_exact_count(rows, cols, sparsity, seed):
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))
+    keep = row_keep_mask(scores, sparsity)
+    assert int((~keep).sum()) == prune_count(rows * cols, sparsity)
+    assert int((~keep).sum(1).max() - (~keep).sum(1).min()) <= 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    nm=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)]),
+    seed=st.integers(0, 99),
+)
+def test_wanda_nm_keeps_n_in_every_group_of_m(nm, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, m = nm
+    w = torch.randn(6, 4 * m, generator=g)
+    keep = wanda_keep_mask(w, torch.rand(4 * m, generator=g), 0.5, nm)
+    assert keep.view(6, 4, m).sum(-1).eq(n).all()
+
+
+def test_damped_inverse_cholesky_factors_the_damped_inverse():
+    x = correlated(64, 12).double()
+    h = x.T @ x
+    upper = damped_inverse_cholesky(h, 0.01).double()
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(12, dtype=h.dtype)
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
+    assert torch.equal(upper, upper.triu())
+
+
+@pytest.mark.parametrize(
+    "hessian",
+    [torch.zeros(8, 8), torch.ones(8, 8), torch.diag(torch.tensor([1.0] + [0.0] * 7))],
+    ids=["zero", "rank-1", "dead-inputs"],
+)
+def test_singular_hessians_give_finite_weights(hessian):
+    w = torch.randn(4, 8)
+    new, keep = sparsegpt_prune(w, hessian, 0.5, blocksize=4)
+    assert torch.isfinite(new).all()
+    assert int((~keep).sum()) == 16
+    assert torch.equal(new == 0, ~keep | (w == 0))
+
+
+def test_nan_hessian_is_refused():
+    h = torch.eye(4)
+    h[0, 1] = float("nan")
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        damped_inverse_cholesky(h, 0.01)
+
+
+def naive_obs(w: torch.Tensor, h: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """Column-by-column OBS with an explicit inverse of the remaining columns' Hessian
+    at every step: slow and obviously right."""
+    w, h = w.double().clone(), h.double()
+    cols = w.shape[1]
+    n, m = nm
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for i in range(cols):
+        inv = torch.linalg.inv(h[i:, i:])
+        if i % m == 0:
+            d = torch.stack([torch.linalg.inv(h[j:, j:])[0, 0] for j in range(i, i + m)])
+            scores = w[:, i : i + m].square() / d
+            idx = scores.topk(m - n, dim=1, largest=False).indices
+            pruned[:, i : i + m].scatter_(1, idx, True)
+        err = torch.where(pruned[:, i], w[:, i], 0.0) / inv[0, 0]
+        w[:, i:] -= err[:, None] * inv[0][None, :]
+    return w.masked_fill(pruned, 0.0)
+
+
+def test_sparsegpt_matches_naive_obs_whatever_the_blocksize():
+    x = correlated(256, 16).double()
+    h = x.T @ x
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=h.dtype)
+    w = torch.randn(5, 16, dtype=torch.float64)
+    expected = naive_obs(w, damped, (2, 4))
+    for blocksize in (4, 6, 8, 16):  # 6 is rounded down to 4
+        got, keep = sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=blocksize, percdamp=0.01)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)
+        assert keep.view(5, 4, 4).sum(-1).eq(2).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 40),
+    sparsity=st.floats(0, 1),
+    blocksize=st.integers(1, 16),
+)
+def test_sparsegpt_reaches_the_exact_sparsity(rows, cols, sparsity, blocksize):
+    x = correlated(64, cols)
+    new, keep = sparsegpt_prune(torch.randn(rows, cols), x.T @ x, sparsity, blocksize=blocksize)
+    assert int((~keep).sum()) == prune_count(rows * cols, sparsity)
+    assert torch.isfinite(new).all() and not new[~keep].any()
+
+
+def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
+    x = correlated(2048, 64)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    for nm in (None, (2, 4)):
+        sgpt, _ = sparsegpt_prune(w, x.T @ x, 0.5, nm=nm)
+        wanda = w * wanda_keep_mask(w, x.square().sum(0), 0.5, nm)
+        magnitude = w * wanda_keep_mask(w, torch.ones(64), 0.5, nm)
+        errors = [rel_error(x, w, v) for v in (sgpt, wanda, magnitude)]
+        assert errors[0] < errors[1] < errors[2], (nm, errors)
+
+
+def test_sparsegpt_keeps_the_weights_at_sparsity_zero():
+    w = torch.randn(4, 8)
+    x = correlated(32, 8)
+    new, keep = sparsegpt_prune(w, x.T @ x, 0.0)
+    assert keep.all() and torch.equal(new, w)
+
+
+def test_sparsegpt_checks_shapes_and_patterns():
+    upper = torch.eye(8)
+    with pytest.raises(ConfigError, match=r"factor shape \(8, 8\) does not match weight \(2, 6\)"):
+        sparsegpt_reconstruct(torch.randn(2, 6), upper, 0.5)
+    with pytest.raises(ConfigError, match="2:4 needs M to divide the input width, got 6"):
+        sparsegpt_reconstruct(torch.randn(2, 6), torch.eye(6), 0.5, nm=(2, 4))
+
+
+def test_block_selection_uses_the_masks_lowest_k():
+    # a column block prunes exactly its share, chosen by lowest w^2 / d^2
+    w = torch.tensor([[4.0, 1.0, 3.0, 2.0]])
+    _, keep = sparsegpt_prune(w, torch.eye(4), 0.5, blocksize=4)
+    assert torch.equal(keep, ~lowest_k(w.square(), 2))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -228,3 +229,16 @@ def test_user_subclass_steps_and_prunes():
     assert pruner.state["0.weight"]["steps"] == 2
     pruner.prune()
     assert model[0].out_features == 5 and model[2].in_features == 5
+
+
+def test_pruners_copy_and_pickle_with_their_patterns_and_distance():
+    pruner = ps.FPGMPruner(0.5, dist=1)
+    clone = pickle.loads(pickle.dumps(pruner))  # prepared models only pickle via state_dict
+    assert clone.patterns.keys() == pruner.patterns.keys() and clone.dist_fn.p == 1
+    pruner.prepare(_convnet(), copy.deepcopy(CONFIG))
+    pruner.step()
+    twin = copy.deepcopy(pruner)
+    assert twin.patterns == pruner.patterns
+    assert torch.equal(twin.state["0.weight"]["mask"], pruner.state["0.weight"]["mask"])
+    twin.prune()
+    assert twin.model[0].out_channels == 5 and pruner.model[0].out_channels == 10

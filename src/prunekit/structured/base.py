@@ -67,6 +67,18 @@ class BaseStructuredSparsifier(BaseSparsifier):
             )
         self.patterns = default_patterns() if patterns is None else patterns
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Keep the pattern table in copies and pickles (the reference dropped it); the
+        default table is rebuilt rather than stored (some of its functions do not pickle)."""
+        custom = self.patterns if self.patterns != default_patterns() else None
+        return {**super().__getstate__(), "patterns": custom}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        patterns = state.pop("patterns", None)
+        super().__setstate__(state)
+        self.patterns = default_patterns() if patterns is None else patterns
+
     def make_config_from_model(
         self, model: nn.Module, SUPPORTED_MODULES: set[type[nn.Module]] | None = None
     ) -> None:

@@ -106,12 +106,15 @@ class FPGMPruner(_LevelPruner):
         if callable(dist):
             self.dist_fn = dist
         elif dist in (1, 2) and not isinstance(dist, bool):
-            self.dist_fn = _cdist(int(dist))
+            self.dist_fn = _CDist(int(dist))
         else:
             raise UnsupportedError(
                 f"FPGMPruner: dist must be 1, 2, None or a callable, got {dist!r}"
             )
         super().__init__(defaults={"sparsity_level": sparsity_level})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "dist_fn": self.dist_fn}
 
     def _compute_distance(self, t: torch.Tensor) -> torch.Tensor:
         """Summed absolute distance of each row (flattened filter) to every row."""
@@ -133,8 +136,11 @@ class FPGMPruner(_LevelPruner):
             mask[closest] = False
 
 
-def _cdist(p: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    def distance(x: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(x, x, p=p)
+class _CDist:
+    """Pairwise ``p``-norm distances between rows (a class, so pruners pickle)."""
 
-    return distance
+    def __init__(self, p: int) -> None:
+        self.p = p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(x, x, p=self.p)

@@ -135,6 +135,9 @@ def test_every_layer_of_a_deep_chain_at_once():
     assert [model[i].out_channels for i in (0, 4, 7)] == [4, 4, 3]
     assert model[1].num_features == 4 and model[11].in_features == 3
     assert torch.allclose(pruned, masked, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(x).square().sum().backward()  # the shrunk model is plain modules and still trains
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
 
 
 @pytest.mark.parametrize("padding", [1, "same"])

@@ -70,6 +70,15 @@ class LinearNorm(nn.Module):
         return self.b(self.norm(self.a(x)))
 
 
+class LSTMBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.norm, self.fc = nn.LSTM(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.lstm(x)[0]))
+
+
 CASES = {
     "residual add": (Residual, ["a"], r"along 'relu' \(relu\) → 'add' \(add\): node 'add'"),
     "data-dependent control flow": (DataDependent, ["a"], r"torch.fx could not trace DataDep"),
@@ -91,6 +100,7 @@ CASES = {
         lambda: nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),
                               nn.Conv2d(4, 2, 1)), ["0"], r"'_1' \(BatchNorm2d\) after '0'",
     ),
+    "batchnorm after an lstm": (LSTMBatchNorm, ["lstm"], r"node 'norm' \(BatchNorm1d\) after LSTM"),
     "lstm layers of different widths": (
         lambda: nn.Sequential(nn.LSTM(3, 4, num_layers=2)), ["0"], None,
     ),
@@ -101,7 +111,10 @@ CASES = {
 def test_refused_with_the_node_named_and_model_unchanged(name):
     make, fqns, message = CASES[name]
     model = make()
-    if name.startswith("lstm"):
+    if name == "batchnorm after an lstm":
+        pruner = ps.LSTMSaliencyPruner({"sparsity_level": 0.5})
+        pruner.prepare(model, [{"tensor_fqn": "lstm.weight_ih_l0"}])
+    elif name.startswith("lstm"):
         mask = torch.tensor([True, False, True, True]).repeat(4)
         pruner = ps.SaliencyPruner({"sparsity_level": 0.0})
         pruner.prepare(model, [{"tensor_fqn": f"0.weight_{k}_l0", "mask": mask.clone()}

@@ -54,6 +54,14 @@ def check_lstm(lstm: nn.LSTM, name: str, branches: Sequence[Branch]) -> None:
             f"prune: LSTM {name!r} would keep {counts} hidden units per layer; nn.LSTM needs "
             "the same hidden size in every layer, so mask the same number of units per layer"
         )
+    for branch in branches:
+        norms = [s for s in branch.steps if isinstance(s.module, nn.modules.batchnorm._BatchNorm)]
+        if norms:
+            raise UnsupportedError(
+                f"prune: {norms[0].name} after LSTM {name!r} would turn the removed units' zeros "
+                "into a shift that the pattern pruner does not fold; only Dropout/Identity/"
+                "LayerNorm may sit between an LSTM and its Linear"
+            )
     check_branches(lstm, name, lstm.hidden_size, branches)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.ao import pruning as ao
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as tprune
 
 import prunekit
@@ -91,6 +92,30 @@ def test_keep_masks_follows_torch_ao_and_nn_utils_prune_masks() -> None:
         for t, _ in masked_tensors(model):
             buf = opt.state[t]["momentum_buffer"]
             assert bool((buf[masked_mask(model, t)] == 0).all())
+
+
+class _RowMask(nn.Module):
+    """A structured-style parametrization: one keep flag per output row."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask.view(-1, 1)
+
+
+def test_keep_masks_broadcasts_row_masks() -> None:
+    model = _model()
+    rows = torch.tensor([True, False] * 16)
+    parametrize.register_parametrization(model[0], "weight", _RowMask(rows))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    _train(model, opt, steps=2)
+    prunekit.keep_masks(opt, model)
+    _train(model, opt, steps=2)
+    original = model[0].parametrizations.weight.original
+    assert bool((original[~rows] == 0).all()) and bool((original[rows] != 0).all())
+    assert bool((opt.state[original]["momentum_buffer"][~rows] == 0).all())
 
 
 def masked_mask(model: nn.Module, tensor: torch.Tensor) -> torch.Tensor:

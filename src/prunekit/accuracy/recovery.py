@@ -32,18 +32,25 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def masked_tensors(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(stored tensor, keep-mask)`` for every masked tensor of ``model``: parametrizations
-    with a ``mask`` (prunekit and torch.ao.pruning) and ``torch.nn.utils.prune``'s
-    ``<name>_orig``/``<name>_mask`` pairs."""
+    with a ``mask`` (prunekit and torch.ao.pruning; structured row masks come shaped
+    ``(out, 1, ...)``) and ``torch.nn.utils.prune``'s ``<name>_orig``/``<name>_mask`` pairs."""
     out = []
     for module in model.modules():
         for plist in getattr(module, "parametrizations", {}).values():
             masks = [p.mask for p in plist if isinstance(getattr(p, "mask", None), torch.Tensor)]
-            out.extend((plist.original, m) for m in masks)
+            out.extend((plist.original, _broadcastable(m, plist.original)) for m in masks)
         for name, buf in module.named_buffers(recurse=False):
             orig = getattr(module, name.removesuffix("_mask") + "_orig", None)
             if name.endswith("_mask") and isinstance(orig, nn.Parameter):
                 out.append((orig, buf))
     return out
+
+
+def _broadcastable(mask: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """Row masks of structured pruning (one entry per output channel) as ``(out, 1, ...)``."""
+    if mask.dim() == 1 and tensor.dim() > 1 and mask.shape[0] == tensor.shape[0]:
+        return mask.view(-1, *([1] * (tensor.dim() - 1)))
+    return mask
 
 
 def keep_masks(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableHandle:
@@ -58,7 +65,7 @@ def keep_masks(optimizer: torch.optim.Optimizer, model: nn.Module) -> RemovableH
     @torch.no_grad()
     def hook(opt: torch.optim.Optimizer, *_: Any) -> None:
         for tensor, mask in masked_tensors(model):
-            dropped = mask == 0
+            dropped = (mask == 0).expand_as(tensor)
             tensor.masked_fill_(dropped, 0)
             for value in opt.state.get(tensor, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == tensor.shape:

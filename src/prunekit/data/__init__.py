@@ -7,6 +7,7 @@ Mirrors ``torch.ao.pruning._experimental.data_sparsifier``, ``data_scheduler`` a
 from prunekit.data.activation import ActivationSparsifier
 from prunekit.data.base import BaseDataSparsifier, DataNameError
 from prunekit.data.norm import DataNormSparsifier, data_norm_mask
+from prunekit.data.packed import PackedSparsity
 from prunekit.data.quantize import post_training_sparse_quantize
 from prunekit.data.scheduler import BaseDataScheduler
 
@@ -16,6 +17,7 @@ __all__ = [
     "BaseDataSparsifier",
     "DataNameError",
     "DataNormSparsifier",
+    "PackedSparsity",
     "data_norm_mask",
     "post_training_sparse_quantize",
 ]

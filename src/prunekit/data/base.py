@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunekit.data.packed import PackedMask, PackedSparsity
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateDictError, StateError
 from prunekit.parametrization import FakeSparsity
 from prunekit.sparsifier.base import BaseSparsifier
@@ -29,6 +30,7 @@ __all__ = ["BaseDataSparsifier", "DataNameError"]
 EMBEDDING_TYPES = {nn.Embedding, nn.EmbeddingBag}
 SUPPORTED_TYPES = {torch.Tensor, nn.Parameter, *EMBEDDING_TYPES}
 _RESERVED = {"parametrizations"}  # created by the first parametrization
+_OWN_PARAMETRIZATIONS = (FakeSparsity, PackedSparsity)
 
 
 class DataNameError(FqnError, ValueError):
@@ -169,11 +171,14 @@ class BaseDataSparsifier(BaseSparsifier):
         self, name: str, weight: torch.Tensor, mask: torch.Tensor, param_class: type[nn.Module]
     ) -> None:
         """Buffer plus parametrization: the container shares the caller's storage."""
+        if isinstance(mask, PackedMask) and param_class is not PackedSparsity:
+            mask = mask.unpack()
+        sparsity = param_class(mask)
         self._container.register_buffer(name, weight)
         parametrize.register_parametrization(
-            self._container, name, param_class(mask), unsafe=param_class is FakeSparsity
+            self._container, name, sparsity, unsafe=param_class in _OWN_PARAMETRIZATIONS
         )
-        self.state[name]["mask"] = mask
+        self.state[name]["mask"] = sparsity.packed if param_class is PackedSparsity else mask
 
     def _delete_data(self, name: str) -> None:
         """Detach ``name`` without applying its mask."""
@@ -196,12 +201,18 @@ class BaseDataSparsifier(BaseSparsifier):
         return self._container.parametrizations[name].original
 
     def get_mask(self, name: str) -> torch.Tensor:
-        """The bool keep-mask of ``name`` (the same tensor object across steps)."""
+        """The bool keep-mask of ``name`` (the same tensor object across steps; an unpacked
+        copy for items stored with ``parametrization=PackedSparsity``)."""
         if name not in self.state or "mask" not in self.state[name]:
             raise DataNameError(
                 f"get_mask: no data named {name!r}; known names: {sorted(self.state)}"
             )
-        return self.state[name]["mask"]
+        mask = self.state[name]["mask"]
+        return mask.unpack() if isinstance(mask, PackedMask) else mask
+
+    def _write_mask(self, name: str, keep: torch.Tensor) -> None:
+        """Store a new bool mask for ``name`` in place (packing it if the item is packed)."""
+        self.state[name]["mask"].copy_(keep)
 
     # -- step and squash -----------------------------------------------------------------
     def _check_parametrized(self, names: list[str], action: str) -> None:
@@ -239,7 +250,8 @@ class BaseDataSparsifier(BaseSparsifier):
         for name in names:
             plist = self._container.parametrizations[name]
             applied = False
-            if leave_parametrized and len(plist) == 1 and isinstance(plist[0], FakeSparsity):
+            own = isinstance(plist[0], _OWN_PARAMETRIZATIONS)
+            if leave_parametrized and len(plist) == 1 and own:
                 mask = plist[0].mask
                 if mask.dtype == torch.bool and mask.shape == plist.original.shape:
                     with torch.no_grad():
@@ -256,7 +268,7 @@ class BaseDataSparsifier(BaseSparsifier):
         state = {}
         for name, entry in self.state.items():
             state[name] = {k: copy.deepcopy(v) for k, v in entry.items() if k != "mask"}
-            state[name]["mask"] = entry["mask"].to_sparse_coo()
+            state[name]["mask"] = self.get_mask(name).to_sparse_coo()
         return {
             "state": state,
             "data_groups": copy.deepcopy(self.data_groups),
@@ -283,7 +295,8 @@ class BaseDataSparsifier(BaseSparsifier):
                 self._register(name, data, mask, config.get("parametrization", FakeSparsity))
             else:
                 self._container.register_buffer(name, data)
-                self.state[name]["mask"] = mask
+                packed = config.get("parametrization") is PackedSparsity
+                self.state[name]["mask"] = PackedMask(mask) if packed else mask
             self.state[name].update(extra)
             self.data_groups[name] = config
 

@@ -117,4 +117,4 @@ class DataNormSparsifier(BaseDataSparsifier):
         **kwargs: Any,
     ) -> None:
         keep = data_norm_mask(data, sparsity_level, sparse_block_shape, zeros_per_block, self.norm)
-        self.get_mask(name).copy_(keep)
+        self._write_mask(name, keep)

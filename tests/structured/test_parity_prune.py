@@ -151,3 +151,25 @@ def test_lstm_saliency_independent_gates_remove_only_fully_masked_units():
         out = model(x)
     assert model.lstm.hidden_size == 12 - gone
     assert torch.allclose(out[0], masked[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_lstm_saliency_tie_gates_removes_whole_units_exactly(num_layers):
+    torch.manual_seed(0)
+    model = cp.LSTMLinearModel(8, 12, 5, num_layers).eval()
+    config = [{"tensor_fqn": f"lstm.weight_{k}_l{i}", "tie_gates": True}
+              for i in range(num_layers) for k in ("ih", "hh")]
+    pruner = ps.LSTMSaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(model, config)
+    pruner.step()
+    for i in range(num_layers):
+        ih, hh = (pruner.state[f"lstm.weight_{k}_l{i}"]["mask"].reshape(4, 12)
+                  for k in ("ih", "hh"))
+        assert torch.equal(ih, hh) and bool((ih == ih[0]).all()) and int(ih[0].sum()) == 6
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        masked = model(x)
+        pruner.prune()
+        out = model(x)
+    assert model.lstm.hidden_size == 6 and model.linear.in_features == 6
+    assert torch.allclose(out[0], masked[0], atol=1e-5)

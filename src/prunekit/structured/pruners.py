@@ -70,7 +70,11 @@ class LSTMSaliencyPruner(_LevelPruner):
     (input, forget, cell, output gates), each losing ``int(block * sparsity_level)`` rows.
 
     Gates are scored independently, as in the reference; ``prune()`` removes a hidden
-    unit only where all of its gate rows are masked and keeps the others as zero rows.
+    unit only where all of its gate rows are masked and keeps the others as zero rows, so
+    independent gates rarely shrink the LSTM. With the group key ``tie_gates=True`` (a
+    prunekit addition) whole units are scored (L1 over their rows in all four gates of
+    ``weight_ih_l{k}`` and ``weight_hh_l{k}``) and masked in every gate, so ``prune()``
+    removes ``int(hidden_size * sparsity_level)`` units per layer.
     """
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -85,11 +89,27 @@ class LSTMSaliencyPruner(_LevelPruner):
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         weight = getattr(module, tensor_name)
         mask = self._mask(module, tensor_name)
+        if kwargs.get("tie_gates", False):
+            self._mask_units(module, tensor_name, mask, kwargs["sparsity_level"])
+            return
         gates = _row_l1(weight).reshape(4, -1)
         count = int(gates.shape[1] * kwargs["sparsity_level"])
         lowest = gates.topk(count, dim=1, largest=False, sorted=False).indices
         offsets = torch.arange(4, device=lowest.device).unsqueeze(1) * gates.shape[1]
         mask[(lowest + offsets).flatten()] = False
+
+
+    @staticmethod
+    def _mask_units(module: nn.Module, tensor_name: str, mask: torch.Tensor, level: float):
+        """Mask the lowest-scoring hidden units in all four gates."""
+        names = [tensor_name]
+        if isinstance(module, nn.LSTM):  # score with both weights of the layer
+            layer = tensor_name.rsplit("_l", 1)[1]
+            names = [f"weight_ih_l{layer}", f"weight_hh_l{layer}"]
+        scores = sum(_row_l1(getattr(module, n)).reshape(4, -1).sum(0) for n in names)
+        count = int(scores.numel() * level)
+        lowest = scores.topk(count, largest=False).indices
+        mask.view(4, -1)[:, lowest] = False
 
 
 class FPGMPruner(_LevelPruner):

@@ -9,7 +9,7 @@ from torch import nn
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError, PruneKitError, StateError
 from prunekit.structured.engine import CaptureError, PrunePlan, prune
 from tests.helpers import assert_unchanged, snapshot
-from tests.structured.zoo import ResNet
+from tests.structured.zoo import ResNet, check_equivalent
 
 
 class DataDependent(nn.Module):
@@ -38,7 +38,7 @@ X = torch.randn(1, 3, 16, 16)
             DataDependent(),
             {"example_inputs": torch.randn(2, 4)},
             CaptureError,
-            r"torch.fx could not trace DataDependent: .*control flow",
+            r"torch.fx could not trace DataDependent: .*control flow on tensor values",
         ),
         (
             _model(),
@@ -124,3 +124,34 @@ def test_apply_twice_or_on_a_changed_model_refuses_without_changing_it() -> None
     assert_unchanged(before, model)
     with pytest.raises(ConfigError, match=r"not a version-1 prunekit\.structured\.plan"):
         PrunePlan.from_dict(model, {"format": "other"})
+
+
+def test_hugging_face_bert_is_refused_naming_the_capture_and_the_reason() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=16,
+    )  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    before = snapshot(model)
+    with pytest.raises(CaptureError, match=r"torch.fx could not trace BertModel: \w+Error"):
+        prune(model, torch.randint(0, 50, (2, 6)), ratio=0.5)
+    assert_unchanged(before, model)
+
+
+def test_an_ignored_untraceable_submodule_becomes_an_opaque_leaf() -> None:
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.inner, self.b = nn.Linear(4, 4), DataDependent(), nn.Linear(4, 8)
+            self.c = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(self.inner(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Outer()
+    with pytest.raises(CaptureError, match=r"torch\.fx could not trace Outer"):
+        prune(model, torch.randn(2, 4))
+    check_equivalent(model, torch.randn(2, 4), ratio=0.5, ignored_layers=["inner"])
+    assert (model.a.out_features, model.inner.fc.in_features, model.b.out_features) == (4, 4, 4)

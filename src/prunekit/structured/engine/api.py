@@ -45,7 +45,7 @@ def prune(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     criterion = _check_args(model, ratio, importance, round_to, min_channels)
     ignored = _ignored_fqns(model, ignored_layers)
-    graph, shapes = capture(model, inputs)
+    graph, shapes = capture(model, inputs, frozenset(ignored))
     ctx = propagate(model, graph, shapes, ignored)
     channels = build_groups(ctx)
     check_round_to(channels.groups, round_to or 1)

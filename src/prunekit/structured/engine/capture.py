@@ -20,10 +20,17 @@ class CaptureError(ConfigError):
 
 
 class _LeafTracer(fx.Tracer):
-    """torch.fx tracer that never looks inside a layer prunekit knows how to prune."""
+    """torch.fx tracer that never looks inside a layer prunekit knows how to prune, nor
+    inside the modules named in ``leaves`` (the user's ignored layers)."""
+
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return layer_pruner(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        if module_qualified_name in self.leaves or layer_pruner(m) is not None:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -56,18 +63,20 @@ def _shape_of(value: Any) -> Any:
 
 
 def capture(
-    model: nn.Module, example_inputs: tuple[Any, ...]
+    model: nn.Module, example_inputs: tuple[Any, ...], leaves: frozenset[str] = frozenset()
 ) -> tuple[fx.Graph, dict[fx.Node, Any]]:
     """Trace ``model`` with torch.fx and record shapes; the model is left unchanged.
     Shapes come from one pass on fake tensors (no compute, no writes: BatchNorm
     statistics are untouched); eval mode so that shapes match inference."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph = _LeafTracer(leaves).trace(model)
     except Exception as exc:
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Data-dependent Python control flow cannot be captured; move it into a "
-            "submodule of a registered layer type or make it depend on shapes only."
+            "Symbolic tracing cannot follow Python control flow on tensor values nor "
+            "item assignment into traced tensors (torch.export capture is not supported "
+            "yet); make that code depend on shapes only, or move it into a leaf module "
+            "and list it in ignored_layers."
         ) from exc
     names = [n.target for n in graph.nodes if n.op == "placeholder"]
     if len(example_inputs) > len(names):
@@ -79,13 +88,25 @@ def capture(
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        recorder = _ShapeRecorder(gm)
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
-            recorder.run(*(_fake(fake, x) for x in example_inputs))
+        return graph, _record_shapes(gm, example_inputs)
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return graph, recorder.shapes
+
+
+def _record_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:
+    """Shapes from fake tensors; a real (no_grad, eval) pass when some leaf module
+    needs data (e.g. control flow on values inside an ignored layer)."""
+    recorder = _ShapeRecorder(gm)
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+            recorder.run(*(_fake(fake, x) for x in example_inputs))
+        return recorder.shapes
+    except CaptureError:
+        recorder = _ShapeRecorder(gm)
+        with torch.no_grad():
+            recorder.run(*example_inputs)
+        return recorder.shapes
 
 
 def _fake(mode: FakeTensorMode, value: Any) -> Any:

@@ -100,7 +100,8 @@ def test_prepare_inside_ddp_is_refused(ranks: list[dict[str, Any]]) -> None:
 
 def test_fsdp2_refuses_what_parametrize_cannot_do(ranks: list[dict[str, Any]]) -> None:
     refused = ranks[0]["fsdp2"]["refused"]
-    assert refused.keys() == {"squash", "prepare_config", "prepare_none"}
+    assert refused.keys() == {"squash", "prepare_config", "prepare_none", "load_state_dict"}
+    assert "load_state_dict: '0.weight' is already sharded" in refused["load_state_dict"]
     assert "squash_mask: '0.weight' is sharded" in refused["squash"]
     assert "unsharded copy" in refused["squash"]
     assert "config[0]: '0.weight' is already sharded" in refused["prepare_config"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from prunekit.data import DataNormSparsifier
 from prunekit.data.packed import PackedMask, PackedSparsity, pack_bits, unpack_bits
-from prunekit.errors import ConfigError
+from prunekit.errors import ConfigError, ConfigTypeError
 
 
 @settings(max_examples=40, deadline=None)
@@ -76,3 +76,10 @@ def test_packed_mask_shape_is_checked():
         PackedMask(torch.ones(3, dtype=torch.bool)).copy_(torch.ones(2, dtype=torch.bool))
     with pytest.raises(ConfigError, match=r"PackedSparsity: mask shape \(3,\)"):
         PackedSparsity(torch.ones(3, dtype=torch.bool))(torch.ones(4))
+
+
+def test_bad_parametrization_changes_nothing():
+    _, packed, table = sparsifiers()
+    with pytest.raises(ConfigTypeError, match=r"add_data\('emb'\): parametrization must be"):
+        packed.add_data("emb", torch.randn(100, 16), parametrization="bits")
+    assert packed.get_data("emb") is table.weight

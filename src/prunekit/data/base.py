@@ -140,6 +140,12 @@ class BaseDataSparsifier(BaseSparsifier):
         args = copy.deepcopy(old if old is not None else self.defaults)
         args.update(config)
         mask = self._initial_mask(name, weight, args, reuse_mask and old is not None)
+        param_class = args.get("parametrization", FakeSparsity)
+        if not (isinstance(param_class, type) and issubclass(param_class, nn.Module)):
+            raise ConfigTypeError(
+                f"add_data({name!r}): parametrization must be an nn.Module class such as "
+                f"FakeSparsity or PackedSparsity, got {param_class!r}"
+            )
         self.validate_data(name, weight, args)
         if old is not None:
             warnings.warn(
@@ -147,7 +153,7 @@ class BaseDataSparsifier(BaseSparsifier):
                 stacklevel=2,
             )
             self._delete_data(name)
-        self._register(name, weight, mask, args.get("parametrization", FakeSparsity))
+        self._register(name, weight, mask, param_class)
         self.data_groups[name] = args
         return getattr(self._container, name)
 

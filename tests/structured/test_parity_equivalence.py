@@ -154,12 +154,47 @@ def test_padded_consumer(padding):
     model = make(bias=False)
     masked, pruned = _prune(model, x, ["0"], prune_bias=False)
     assert model[0].out_channels == 4 and torch.allclose(pruned, masked, atol=1e-5)
-    # a non-zero constant would be wrong at the borders: full width, mask baked in
+    # a non-zero constant cannot become a bias (borders): one pruned channel stays as the
+    # anchor and carries the others' weights
     model = make(bias=True)
     masked, pruned = _prune(model, x, ["0"], prune_bias=False)
-    assert model[0].out_channels == 8 and model[2].in_channels == 8
-    assert int((model[0].weight.flatten(1).abs().sum(1) == 0).sum()) == 4
-    assert torch.allclose(pruned, masked, atol=1e-5)
+    assert model[0].out_channels == 5 and model[2].in_channels == 5
+    assert int((model[0].weight.flatten(1).abs().sum(1) == 0).sum()) == 1
+    assert torch.allclose(pruned, masked, rtol=1e-5, atol=1e-5)
+
+
+class PaddedAndOutput(nn.Module):
+    """A non-zero constant read by a zero-padded conv and by the model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3, padding=1)
+        nn.init.uniform_(self.a.bias, 0.5, 1.0)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h), h
+
+
+def test_no_anchor_possible_keeps_width_with_the_mask_baked_in():
+    model = PaddedAndOutput()
+    x = torch.randn(1, 3, 10, 10)
+    (masked, masked_h), (pruned, pruned_h) = _prune(model, x, ["a"], prune_bias=False)
+    assert model.a.out_channels == 8 and model.b.in_channels == 8
+    assert int((model.a.weight.flatten(1).abs().sum(1) == 0).sum()) == 4
+    assert torch.allclose(pruned, masked, atol=1e-5) and torch.allclose(pruned_h, masked_h)
+
+
+def test_anchor_for_resnet_style_conv_bn_relu_conv():
+    """§12.10 of the spec: Conv-BN-ReLU-Conv(padding=1) used to save nothing."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                          nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    x = torch.randn(2, 3, 8, 8)
+    masked, pruned = _prune(model, x, ["0", "3"], level=0.5)
+    assert model[0].out_channels <= 9 and model[3].out_channels <= 5
+    assert torch.allclose(pruned, masked, rtol=1e-4, atol=1e-5)
 
 
 def test_reflect_padding_keeps_constants_so_it_shrinks():

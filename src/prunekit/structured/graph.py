@@ -30,6 +30,8 @@ from prunekit.structured.steps import function_step, module_step
 
 __all__ = ["LayerPlan", "plan_prune"]
 
+_CONSUMER_KEYS = frozenset({nn.Linear, *ops.CONV_TYPES, "output"})
+
 
 @dataclass
 class LayerPlan:
@@ -138,6 +140,8 @@ def _no_pattern(name: str, path: list[fx.Node], modules: dict[str, nn.Module]) -
     route = " → ".join(_describe(n, modules) for n in path)
     norms = [n for n in path if ops.node_key(n, modules) is nn.LayerNorm]
     culprit, why = path[-1], "cannot take pruned channels"
+    if ops.node_key(culprit, modules) in _CONSUMER_KEYS:
+        why = "reads them, but this chain is not in the pattern table (add it to patterns)"
     if norms:
         culprit = norms[0]
         why = "normalises over the pruned features, so removing them would not be exact"

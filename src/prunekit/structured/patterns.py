@@ -37,6 +37,8 @@ def _conv_patterns(conv: type[nn.Module], rank: int) -> dict[Pattern, Callable[.
         for pool in ops.POOLS[rank]:
             table[(conv, act, pool, conv)] = pf.prune_conv2d_activation_pool_conv2d
             table[(conv, pool, act, conv)] = pf.prune_conv2d_pool_activation_conv2d
+    for pool in ops.POOLS[rank]:
+        table[(conv, pool, conv)] = pf.prune_conv2d_pool_conv2d
     for pool in ops.ADAPTIVE_POOLS[rank]:
         for flatten in ops.FLATTENS:
             table[(conv, pool, flatten, nn.Linear)] = pf.prune_conv2d_pool_flatten_linear

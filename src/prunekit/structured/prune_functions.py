@@ -35,6 +35,7 @@ __all__ = [
     "prune_conv2d_conv2d",
     "prune_conv2d_padded",
     "prune_conv2d_pool_activation_conv2d",
+    "prune_conv2d_pool_conv2d",
     "prune_conv2d_pool_flatten_linear",
     "prune_linear",
     "prune_linear_activation_linear",
@@ -112,6 +113,11 @@ def prune_conv2d_activation_conv2d(
     _run(conv2d_1, conv2d_2, activation)
 
 
+def prune_conv2d_pool_conv2d(c1: nn.Module, pool: Callable | nn.Module, c2: nn.Module) -> None:
+    """Conv → pool → Conv (not in the reference)."""
+    _run(c1, c2, pool)
+
+
 def prune_conv2d_pool_activation_conv2d(
     c1: nn.Module, pool: Callable | nn.Module, activation: Callable | nn.Module | None,
     c2: nn.Module,
@@ -173,6 +179,7 @@ def prune_lstm_output(lstm: nn.LSTM, getitem: Callable) -> None:
 BUILTIN_PATTERN_FUNCTIONS: frozenset[Callable[..., None]] = frozenset({
     prune_linear, prune_linear_linear, prune_linear_activation_linear, prune_conv2d,
     prune_conv2d_conv2d, prune_conv2d_activation_conv2d, prune_conv2d_pool_activation_conv2d,
+    prune_conv2d_pool_conv2d,
     prune_conv2d_activation_pool_conv2d, prune_conv2d_pool_flatten_linear,
     prune_conv2d_activation_pool_flatten_linear, prune_lstm_output_linear,
     prune_lstm_output_layernorm_linear, prune_lstm_output,

@@ -4,9 +4,12 @@ of whatever reads them.
 A pruned channel of the masked model outputs a constant (its bias when ``prune_bias`` is
 False, else zero), carried through per-channel ops (activations, BatchNorm, pools,
 dropout) to each consumer. Removing the channel is exact once that constant is folded into
-the consumer's bias. When the constant is not zero and the consumer zero-pads (or an
-average pool counts zero padding), the constant would not survive the borders: the layer
-is then left at full width with its mask baked into the weight, as the reference does.
+the consumer's bias. When the constant is not zero and the consumer zero-pads, a bias
+cannot reproduce the borders; but every pruned channel then shows the same spatial
+pattern (constant inside, zero in the padding) scaled by its constant, so one pruned
+channel (the *anchor*) is kept and the others are folded into its consumer column. Only
+when no anchor works (an output branch, an average pool counting zero padding) is the
+layer left at full width with the mask baked in, as the reference always did.
 """
 
 from __future__ import annotations
@@ -159,16 +162,18 @@ def _drop_moved_bias(module: nn.Module) -> None:
         delattr(module, "_bias")
 
 
-def _cut_rows(producer: nn.Module, mask: torch.Tensor) -> None:
+def _cut_rows(producer: nn.Module, mask: torch.Tensor, keep: torch.Tensor) -> None:
+    """Keep the ``keep`` rows; a kept masked row (the anchor) keeps its masked-model bias."""
     bias = getattr(producer, "_bias", None)
     with torch.no_grad():
         parametrize.remove_parametrizations(producer, "weight", leave_parametrized=True)
-        producer.weight = nn.Parameter(producer.weight[mask])
+        producer.weight = nn.Parameter(producer.weight[keep])
         if bias is not None:
-            producer.bias = nn.Parameter(bias.detach()[mask])
+            bias = bias.detach() * mask if getattr(producer, "prune_bias", True) else bias
+            producer.bias = nn.Parameter(bias.detach()[keep])
     _drop_moved_bias(producer)
     attr = "out_features" if isinstance(producer, nn.Linear) else "out_channels"
-    setattr(producer, attr, int(mask.sum()))
+    setattr(producer, attr, int(keep.sum()))
 
 
 def slice_channels(module: nn.Module, keep: torch.Tensor) -> None:
@@ -188,16 +193,22 @@ def slice_channels(module: nn.Module, keep: torch.Tensor) -> None:
                 setattr(module, name, nn.Parameter(param[keep]))
 
 
-def _feed_consumer(branch: Branch, mask: torch.Tensor, constant: torch.Tensor | None) -> None:
-    """Fold the pruned channels' constant into the consumer's bias, then drop its inputs."""
+def _feed_consumer(
+    branch: Branch, mask: torch.Tensor, constant: torch.Tensor | None, keep: torch.Tensor,
+    anchor: int | None,
+) -> None:
+    """Fold the pruned channels' constant into the consumer (its bias, or the anchor's
+    column), then drop the inputs that are not kept."""
     consumer = branch.consumer
     weight = _weight(consumer)
-    repeat = weight.shape[1] // mask.numel() if branch.flatten else 1
-    keep = mask.repeat_interleave(repeat)
+    # (out, channels, spatial positions of a flattened input (else 1), *kernel)
+    grouped = weight.reshape(weight.shape[0], mask.numel(), -1, *weight.shape[2:])
     with torch.no_grad():
-        if constant is not None:
-            _fold(consumer, weight, ~keep, constant.repeat_interleave(repeat))
-        new = nn.Parameter(weight[:, keep])
+        if constant is not None and anchor is None:
+            _fold(consumer, grouped, ~mask, constant)
+        elif constant is not None:
+            grouped = _fold_into_anchor(grouped, mask, constant, anchor)
+        new = nn.Parameter(grouped[:, keep].reshape(weight.shape[0], -1, *weight.shape[2:]))
         if parametrize.is_parametrized(consumer, "weight"):
             consumer.parametrizations.weight.original = new
         else:
@@ -206,10 +217,10 @@ def _feed_consumer(branch: Branch, mask: torch.Tensor, constant: torch.Tensor | 
     setattr(consumer, attr, new.shape[1])
 
 
-def _fold(consumer: nn.Module, weight: torch.Tensor, pruned: torch.Tensor, value: torch.Tensor):
+def _fold(consumer: nn.Module, grouped: torch.Tensor, pruned: torch.Tensor, value: torch.Tensor):
     """consumer bias += (masked) W[:, pruned] · value, summed over the kernel window."""
     row_mask = structured_mask(consumer)
-    columns = weight[:, pruned]
+    columns = grouped[:, pruned]
     if row_mask is not None:  # masked rows of the consumer never saw the constant
         columns = columns * row_mask.reshape([-1] + [1] * (columns.dim() - 1))
     shape = [1, -1] + [1] * (columns.dim() - 2)
@@ -218,6 +229,32 @@ def _fold(consumer: nn.Module, weight: torch.Tensor, pruned: torch.Tensor, value
     old = getattr(consumer, slot, None)
     new = added if old is None else old.detach() + added
     setattr(consumer, slot, nn.Parameter(new))
+
+
+def _fold_into_anchor(
+    grouped: torch.Tensor, mask: torch.Tensor, value: torch.Tensor, anchor: int
+) -> torch.Tensor:
+    """Pruned channel j outputs value[j] * (the same map) for every j: its weights, scaled
+    by value[j] / value[anchor], move onto the anchor's column."""
+    pruned = (~mask).nonzero().flatten()
+    scale = value / value[int((pruned == anchor).nonzero())]
+    shape = [1, -1] + [1] * (grouped.dim() - 2)
+    grouped = grouped.clone()
+    grouped[:, anchor] = (grouped[:, pruned] * scale.reshape(shape)).sum(dim=1)
+    return grouped
+
+
+def _anchor(mask: torch.Tensor, branches: Sequence[Branch], constants: list) -> int | None:
+    """The pruned channel whose constant is largest (in the worst branch), if one works."""
+    if any(b.consumer is None or any(s.zero_padded for s in b.steps) for b in branches):
+        return None
+    if int(mask.sum()) + 1 >= mask.numel():
+        return None  # keeping an anchor would save nothing
+    needed = torch.stack([c.abs() for c in constants if c is not None]).amin(dim=0)
+    best = int(needed.argmax())
+    if float(needed[best]) == 0.0:
+        return None
+    return int((~mask).nonzero().flatten()[best])
 
 
 def _zero_pads(consumer: nn.Module | None) -> bool:
@@ -245,16 +282,21 @@ def shrink_layer(producer: nn.Module, branches: Sequence[Branch]) -> None:
         value is not None and (_zero_pads(b.consumer) or any(s.zero_padded for s in b.steps))
         for b, value in zip(branches, constants, strict=False)
     )
+    keep, anchor = mask, None
     if needs_borders:
-        bake_mask(producer, mask)
-        return
-    _cut_rows(producer, mask)
+        anchor = _anchor(mask, branches, constants)
+        if anchor is None:
+            bake_mask(producer, mask)
+            return
+        keep = mask.clone()
+        keep[anchor] = True
+    _cut_rows(producer, mask, keep)
     modules = {id(s.module): s.module for b in branches for s in b.steps if s.module is not None}
     for module in modules.values():
-        slice_channels(module, mask)
+        slice_channels(module, keep)
     for branch, value in zip(branches, constants, strict=False):
         if branch.consumer is not None:
-            _feed_consumer(branch, mask, value)
+            _feed_consumer(branch, mask, value, keep, anchor)
 
 
 def batchnorm_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

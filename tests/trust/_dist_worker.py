@@ -100,12 +100,19 @@ def _refusals(model: nn.Module, sparsifier: prunekit.BaseSparsifier) -> dict[str
     return messages
 
 
-def _fsdp_run(rank: int, world: int) -> dict[str, Any]:
+def _fsdp_run(rank: int, world: int, root_only: bool = False) -> dict[str, Any]:
+    """FSDP2 training; ``root_only`` shards only the root, which FSDP2 leaves gathered
+    after the no-grad forward that then runs before every sparsifier step."""
     model = tiny_model()
     sparsifier = make_sparsifier(model)
-    _shard(model)
+    if root_only:
+        fully_shard(model)
+    else:
+        _shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train(model, optimizer, sparsifier, make_scheduler(sparsifier), batches(), _rows(rank, world))
+    scheduler = make_scheduler(sparsifier)
+    train(model, optimizer, sparsifier, scheduler, batches(), _rows(rank, world), root_only)
+    model.reshard()
     sharded = model.state_dict()
     return {
         "masks": masks_of(sparsifier),
@@ -127,6 +134,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         result = {
             "ddp": _ddp_run(rank, world),
             "fsdp2": _fsdp_run(rank, world),
+            "fsdp2_root_eval": _fsdp_run(rank, world, root_only=True),
         }
         torch.save(result, Path(outdir) / f"rank{rank}.pt")
     finally:

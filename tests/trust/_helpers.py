@@ -57,13 +57,18 @@ def train(
     scheduler: Any,
     data: list[tuple[torch.Tensor, ...]],
     rows: slice = slice(None),
+    evaluate: bool = False,
 ) -> None:
-    """One optimizer, sparsifier and scheduler step per batch, on ``rows`` of each batch."""
+    """One optimizer, sparsifier and scheduler step per batch, on ``rows`` of each batch
+    (with ``evaluate``, a no-grad forward before each sparsifier step)."""
     for x, y in data:
         optimizer.zero_grad()
         loss = nn.functional.mse_loss(model(x[rows]), y[rows])
         loss.backward()
         optimizer.step()
+        if evaluate:
+            with torch.no_grad():
+                model(x[rows])
         sparsifier.step()
         scheduler.step()
 

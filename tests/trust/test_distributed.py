@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD = 2
-SCENARIOS = ["ddp", "fsdp2"]
+SCENARIOS = ["ddp", "fsdp2", "fsdp2_root_eval"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,16 @@ def test_ddp_squash_bakes_the_masks(ranks: list[dict[str, Any]], single: dict[st
     for fqn, mask in single["masks"].items():
         assert torch.equal(squashed[fqn] != 0, mask), fqn
         torch.testing.assert_close(squashed[fqn], single["squashed"][fqn], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp2_root_eval"])
+def test_fsdp2_sharded_weights_hold_the_zeros(ranks: list[dict[str, Any]], scenario: str) -> None:
+    """Masks reach the sharded storage, also when FSDP2 had left the weights gathered
+    after a no-grad forward (the sparsifier reshards before it steps)."""
+    result = ranks[0][scenario]
+    for fqn, mask in result["masks"].items():
+        original = result["weights"][fqn.replace(".weight", ".parametrizations.weight.original")]
+        assert not original[~mask].any(), fqn
 
 
 def test_fsdp2_state_dict_is_sharded(ranks: list[dict[str, Any]]) -> None:

@@ -112,3 +112,18 @@ def check_not_ddp_wrapped(where: str, model: nn.Module) -> None:
                 "would stop reducing the sparsified weights' gradients; call "
                 "sparsifier.prepare(model, config) before DistributedDataParallel(model)"
             )
+
+
+def reshard_fsdp(model: nn.Module | None) -> None:
+    """Reshard every FSDP2 module of ``model`` (a local operation, no communication).
+
+    After a no-grad forward FSDP2 may keep a module's parameters gathered; masks written
+    into that gathered copy would be lost at the next reshard, and squashing it would
+    orphan the weight. Resharded, every original is its sharded DTensor again.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # no import: see is_dtensor
+    if fsdp is None or model is None:
+        return
+    for module in model.modules():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()

@@ -43,6 +43,7 @@ from prunekit.sparsifier._tensors import (
     check_not_sharded,
     check_not_tied,
     check_squashable,
+    reshard_fsdp,
     tied_to,
 )
 from prunekit.swap import swap_module
@@ -250,6 +251,7 @@ class BaseSparsifier(abc.ABC):
         if not self.enable_mask_update:
             return
         self._check_prepared("step")
+        reshard_fsdp(getattr(self, "model", None))
         check_materialized("step", self.groups, self._original)
         for group in self.groups:
             self.validate_group(group)
@@ -273,6 +275,7 @@ class BaseSparsifier(abc.ABC):
         (``{module_fqn: keys}``) are copied to ``module.sparse_params``.
         """
         self._check_prepared("squash_mask")
+        reshard_fsdp(getattr(self, "model", None))
         check_squashable(self.groups, self._original)
         kept = [
             self._params_to_keep(g, params_to_keep, params_to_keep_per_layer) for g in self.groups
@@ -374,6 +377,7 @@ class BaseSparsifier(abc.ABC):
                 raise StateDictError(
                     f"load_state_dict: missing key {key!r}; got {sorted(state_dict)}"
                 )
+        reshard_fsdp(model)
         masks = masks_to_load(model, state_dict["state"], strict)
         groups = groups_to_load(model, state_dict["groups"], strict, self.validate_group)
         self.model = model

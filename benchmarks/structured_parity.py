@@ -98,6 +98,13 @@ def _coverage_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ..
                                                nn.Linear(8, 4)), (4, 8)),
         "Conv → BN → ReLU → Conv": (lambda: seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
                                                 nn.Conv2d(8, 4, 3)), (2, 3, 9, 9)),
+        "Conv → BN → ReLU → Conv(padding=1)": (lambda: seq(nn.Conv2d(3, 8, 3, bias=False),
+                                                           nn.BatchNorm2d(8), nn.ReLU(),
+                                                           nn.Conv2d(8, 4, 3, padding=1)),
+                                               (2, 3, 9, 9)),
+        "Conv(bias) → ReLU → Conv(padding=1), prune_bias=False": (
+            lambda: seq(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)),
+            (2, 3, 9, 9)),
         "Linear → Dropout → Linear": (lambda: seq(nn.Linear(8, 8), nn.Dropout(),
                                                   nn.Linear(8, 4)), (4, 8)),
         "Conv1d → ReLU → Conv1d": (lambda: seq(nn.Conv1d(3, 8, 3), nn.ReLU(),
@@ -111,13 +118,18 @@ def _coverage_models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ..
     }
 
 
-def _outcome(lib, make, shape) -> str:
+def _outcome(lib, name: str, make, shape) -> str:
     torch.manual_seed(0)
     model = make().eval()
     first = next(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d,
                                                                         nn.Conv2d)))
+    for m in model.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            nn.init.uniform_(m.bias, -1, 1)
     pruner = lib.SaliencyPruner({"sparsity_level": 0.5})
-    pruner.prepare(model, [{"tensor_fqn": f"{first}.weight"}])
+    prune_bias = "prune_bias=False" not in name
+    pruner.prepare(model, [{"tensor_fqn": f"{first}.weight", "prune_bias": prune_bias}])
     pruner.step()
     x = torch.randn(shape)
     with torch.no_grad():
@@ -141,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 3 if args.quick else args.repeats
     rows = [_fpgm_row(args.quick, repeats), _prune_row(args.quick, repeats)]
     coverage = [
-        {"case": name, **{lib_name: _outcome(lib, make, shape) for lib_name, lib in LIBS.items()}}
+        {"case": name, **{lib_name: _outcome(lib, name, make, shape)
+                          for lib_name, lib in LIBS.items()}}
         for name, (make, shape) in _coverage_models().items()
     ]
     write_results(

@@ -270,3 +270,23 @@ def test_repr_lists_data():
         and "name: emb" in text
         and "sparsity_level: 0.5" in text
     )
+
+
+def test_malformed_data_list():
+    with pytest.raises(ConfigTypeError, match="data_list must be a list"):
+        DataNormSparsifier(data_list={"x": torch.randn(2, 4)})
+    with pytest.raises(ConfigTypeError, match=r"data_list\[0\] must be a \(name, data\) pair"):
+        DataNormSparsifier(data_list=[torch.randn(2, 4)])
+
+
+def test_reference_float_masks_before_step_load_as_bool():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = RefDNS([("x", torch.randn(4, 8))])
+        ref.add_data("y", torch.randn(2, 4), mask=torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 1]]))
+        sd = ref.state_dict()
+    assert sd["state"]["x"]["mask"].dtype == torch.float32
+    ours = DataNormSparsifier()
+    ours.load_state_dict(sd)
+    assert ours.get_mask("x").dtype == torch.bool and ours.get_mask("x").all()
+    assert ours.get_mask("y").tolist() == [[True, False, True, True], [False, True, True, True]]

@@ -1,4 +1,5 @@
 import logging
+import pickle
 import warnings
 
 import pytest
@@ -7,7 +8,7 @@ from torch.ao.pruning._experimental.data_scheduler import BaseDataScheduler as R
 from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier as RefDNS
 
 from prunekit import WeightNormSparsifier
-from prunekit.data import BaseDataScheduler, DataNameError, DataNormSparsifier
+from prunekit.data import BaseDataScheduler, DataNameError, DataNormSparsifier, data_norm_mask
 from prunekit.errors import ConfigTypeError
 
 
@@ -88,3 +89,14 @@ def test_state_dict_round_trip_and_verbose_logging(caplog):
     other = halving(BaseDataScheduler)(DataNormSparsifier(data()), "sparsity_level")
     other.load_state_dict(sd)
     assert other.last_epoch == 1 and other.base_param == {"a": 0.8, "b": 0.8}
+
+
+def test_a_scheduled_sparsifier_still_pickles():
+    s = DataNormSparsifier(data(), sparsity_level=0.8)
+    scheduler = halving(BaseDataScheduler)(s, "sparsity_level")
+    s.step()
+    scheduler.step()
+    copied = pickle.loads(pickle.dumps(s))
+    copied.step()
+    assert copied.data_groups["a"]["sparsity_level"] == 0.2
+    assert torch.equal(copied.get_mask("a"), data_norm_mask(data()[0][1], 0.2, (1, 4)))

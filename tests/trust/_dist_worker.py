@@ -74,15 +74,10 @@ def _shard(model: nn.Module) -> None:
     fully_shard(model)
 
 
-def _refusals(model: nn.Module, sparsifier: prunekit.BaseSparsifier) -> dict[str, str]:
-    """The calls FSDP2 cannot take, each refused with the model left unchanged."""
+def _refusals(sparsifier: prunekit.BaseSparsifier) -> dict[str, str]:
+    """What FSDP2 cannot take: masks attached after fully_shard. Each is refused with the
+    model left unchanged."""
     messages = {}
-    before = model_snapshot(model)
-    try:
-        sparsifier.squash_mask()
-    except prunekit.UnsupportedError as err:
-        messages["squash"] = str(err)
-    assert_same_model(before, model)
     late = tiny_model()
     _shard(late)
     late_before = model_snapshot(late)
@@ -98,6 +93,27 @@ def _refusals(model: nn.Module, sparsifier: prunekit.BaseSparsifier) -> dict[str
         messages["load_state_dict"] = str(err)
     assert_same_model(late_before, late)
     return messages
+
+
+def _squash_sharded(model: nn.Module, sparsifier: prunekit.BaseSparsifier) -> dict[str, Any]:
+    """squash_mask on the sharded model, then a forward and a training step."""
+    x = batches()[0][0]
+    with torch.no_grad():
+        masked = model(x)
+    sparsifier.squash_mask()
+    with torch.no_grad():
+        squashed_out = model(x)
+    model.reshard()
+    state = model.state_dict()
+    result = {
+        "types": [type(m).__name__ for m in model],
+        "weights": {k: v.full_tensor() for k, v in state.items()},
+        "same_output": torch.equal(masked, squashed_out),
+    }
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    model(x).sum().backward()  # FSDP2 still gathers and reduces the squashed weights
+    result["grads"] = all(p.grad is not None for p in model.parameters())
+    return result
 
 
 def _fsdp_run(rank: int, world: int, root_only: bool = False) -> dict[str, Any]:
@@ -120,7 +136,8 @@ def _fsdp_run(rank: int, world: int, root_only: bool = False) -> dict[str, Any]:
         "local_rows": {k: torch.tensor(v.to_local().shape[0]) for k, v in sharded.items()},
         "is_dtensor": {k: is_dtensor(v) for k, v in sharded.items()},
         "sparsifier_state": sparsifier.state_dict(),
-        "refused": _refusals(model, sparsifier),
+        "refused": _refusals(sparsifier),
+        "squash": _squash_sharded(model, sparsifier),
     }
 
 

@@ -108,15 +108,31 @@ def test_prepare_inside_ddp_is_refused(ranks: list[dict[str, Any]]) -> None:
     assert "before DistributedDataParallel(model)" in message
 
 
-def test_fsdp2_refuses_what_parametrize_cannot_do(ranks: list[dict[str, Any]]) -> None:
+def test_fsdp2_refuses_masks_attached_after_sharding(ranks: list[dict[str, Any]]) -> None:
     refused = ranks[0]["fsdp2"]["refused"]
-    assert refused.keys() == {"squash", "prepare_config", "prepare_none", "load_state_dict"}
-    assert "load_state_dict: '0.weight' is already sharded" in refused["load_state_dict"]
-    assert "squash_mask: '0.weight' is sharded" in refused["squash"]
-    assert "unsharded copy" in refused["squash"]
+    assert refused.keys() == {"prepare_config", "prepare_none", "load_state_dict"}
     assert "config[0]: '0.weight' is already sharded" in refused["prepare_config"]
     assert "parameter '0.weight' is already sharded" in refused["prepare_none"]
     assert "before fully_shard(model)" in refused["prepare_none"]
+    assert "load_state_dict: '0.weight' is already sharded" in refused["load_state_dict"]
+
+
+@pytest.mark.parametrize("scenario", ["fsdp2", "fsdp2_root_eval"])
+def test_fsdp2_squash_mask_in_place(
+    ranks: list[dict[str, Any]], single: dict[str, Any], scenario: str
+) -> None:
+    """squash_mask on the sharded model: plain keys, FSDP2 still manages the weights, the
+    output is unchanged and the weights equal the single-process squash."""
+    for rank in ranks:
+        squash = rank[scenario]["squash"]
+        wrapped = "FSDPLinear" if scenario == "fsdp2" else "Linear"
+        assert squash["types"] == [wrapped, "ReLU", wrapped]
+        assert squash["same_output"] and squash["grads"]
+        assert set(squash["weights"]) == set(single["squashed"])
+        for key, expected in single["squashed"].items():
+            torch.testing.assert_close(squash["weights"][key], expected, rtol=0, atol=1e-12)
+        for fqn, mask in single["masks"].items():
+            assert torch.equal(squash["weights"][fqn] != 0, mask), fqn
 
 
 def test_fsdp2_checkpoint_squashes_in_an_unsharded_copy(

@@ -82,22 +82,6 @@ def check_not_tied(i: int, fqn: str, tensor: torch.Tensor, earlier: dict[int, st
     earlier[id(tensor)] = fqn
 
 
-def check_squashable(groups: list[dict[str, Any]], original: Any) -> None:
-    """``squash_mask`` cannot run on FSDP2-sharded modules: torch's ``parametrize`` removes
-    the ``weight`` property from ``module.__class__``, which FSDP2 replaced by a subclass
-    (``FSDPParametrizedLinear``), and FSDP2 would keep gathering into the removed
-    ``parametrizations.weight.original``."""
-    for group in groups:
-        tensor = original(group["module"], group["tensor_name"])
-        if is_dtensor(tensor):
-            raise UnsupportedError(
-                f"squash_mask: {group['tensor_fqn']!r} is sharded ({type(group['module']).__name__}"
-                f" holds a DTensor); the sharded weights already hold the zeros, so take "
-                "model.state_dict(), load its full tensors into an unsharded copy prepared "
-                "with the same config, load the sparsifier's state_dict and squash there"
-            )
-
-
 def check_not_ddp_wrapped(where: str, model: nn.Module) -> None:
     """Refuse to prepare inside ``DistributedDataParallel``: ``parametrize`` calls
     ``original.set_(original)``, which gives the parameter a new gradient accumulator, so

@@ -29,6 +29,7 @@ from prunekit.errors import (
 )
 from prunekit.fqn import module_to_fqn, resolve_tensor_fqn
 from prunekit.parametrization import FakeSparsity, module_contains_param
+from prunekit.sparsifier._fsdp import remove_mask, sharded_homes
 from prunekit.sparsifier._loading import (
     groups_to_load,
     install_mask,
@@ -42,7 +43,6 @@ from prunekit.sparsifier._tensors import (
     check_not_ddp_wrapped,
     check_not_sharded,
     check_not_tied,
-    check_squashable,
     reshard_fsdp,
     tied_to,
 )
@@ -276,7 +276,7 @@ class BaseSparsifier(abc.ABC):
         """
         self._check_prepared("squash_mask")
         reshard_fsdp(getattr(self, "model", None))
-        check_squashable(self.groups, self._original)
+        homes = sharded_homes(getattr(self, "model", None), self.groups, self._original)
         kept = [
             self._params_to_keep(g, params_to_keep, params_to_keep_per_layer) for g in self.groups
         ]
@@ -289,9 +289,7 @@ class BaseSparsifier(abc.ABC):
             already_masked = already_masked and plist[0].mask.dtype == torch.bool
             tied = list(tied_to(self.model, plist.original, module))
             for holder, holder_name in [(module, name), *tied]:
-                parametrize.remove_parametrizations(
-                    holder, holder_name, leave_parametrized=not already_masked
-                )
+                remove_mask(holder, holder_name, not already_masked, homes)
             if sparse_params:
                 module.sparse_params = sparse_params
 

@@ -204,6 +204,8 @@ def test_prune_twice_is_a_no_op():
     pruner.prune()
     assert model[0].out_features == 3 and model[2].in_features == 3
     assert pruner.prune() is model and model[0].out_features == 3
+    with pytest.raises(StateError, match=r"step: prune\(\) already removed the masks"):
+        pruner.step()
 
 
 def test_state_dict_round_trip_into_a_prepared_model():

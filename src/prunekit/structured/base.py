@@ -154,6 +154,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
         plans = plan_prune(model, PatternIndex(self.patterns))
         for plan in plans:
             plan.apply()
+        self._pruned = bool(plans) or getattr(self, "_pruned", False)
         for name, module in model.named_modules():
             if module_contains_param(module, FakeStructuredSparsity):
                 raise StateError(
@@ -164,6 +165,15 @@ class BaseStructuredSparsifier(BaseSparsifier):
     @abc.abstractmethod
     def update_mask(self, module: nn.Module, tensor_name: str, **kwargs: Any) -> None:
         """Update the row mask of ``module.<tensor_name>`` in place."""
+
+    def step(self, use_path: bool = True) -> None:
+        """As ``BaseSparsifier.step``; after ``prune()`` there are no masks left to step."""
+        if getattr(self, "_pruned", False):
+            raise StateError(
+                "step: prune() already removed the masks and shrank the model; prepare the "
+                "pruned model with a new pruner to keep pruning"
+            )
+        super().step(use_path)
 
     # -- squash and load ---------------------------------------------------------------------
     def squash_mask(self, *args: Any, **kwargs: Any) -> None:

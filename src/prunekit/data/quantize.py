@@ -110,20 +110,29 @@ def post_training_sparse_quantize(
     for name, (_, emb) in zip(names, embeddings, strict=True):
         sparsifier.validate_data(name, emb.weight, dict(sparsifier.defaults))
     if sparsify_first:
-        for name, (_, emb) in zip(names, embeddings, strict=True):
-            sparsifier.add_data(name=name, data=emb)
-        sparsifier.step()
-        sparsifier.squash_mask()
+        _sparsify(sparsifier, names, [emb for _, emb in embeddings])
         _quantize(model, embeddings)
-        return
-    _quantize(model, embeddings)
-    weights = [fqn_to_module(model, fqn).weight() for fqn, _ in embeddings]
-    dequantized = [torch.dequantize(w) for w in weights]
-    for name, data in zip(names, dequantized, strict=True):
-        sparsifier.add_data(name=name, data=data)
+    else:
+        _quantize(model, embeddings)
+        _sparsify_quantized(model, sparsifier, names, [fqn for fqn, _ in embeddings])
+
+
+def _sparsify(sparsifier: BaseDataSparsifier, names: list[str], data: list[Any]) -> None:
+    """Add every item, compute the masks and bake them in."""
+    for name, item in zip(names, data, strict=True):
+        sparsifier.add_data(name=name, data=item)
     sparsifier.step()
     sparsifier.squash_mask()
-    for (fqn, _), weight, data in zip(embeddings, weights, dequantized, strict=True):
+
+
+def _sparsify_quantized(
+    model: nn.Module, sparsifier: BaseDataSparsifier, names: list[str], fqns: list[str]
+) -> None:
+    """Sparsify the dequantized weights, then requantize them with their own qparams."""
+    weights = [fqn_to_module(model, fqn).weight() for fqn in fqns]
+    dequantized = [torch.dequantize(w) for w in weights]
+    _sparsify(sparsifier, names, dequantized)
+    for fqn, weight, data in zip(fqns, weights, dequantized, strict=True):
         requantized = torch.quantize_per_channel(
             data,
             scales=weight.q_per_channel_scales(),

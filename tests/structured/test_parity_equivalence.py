@@ -76,6 +76,8 @@ CHAINS = {
         (2, 3, 9, 9)),
     "conv1d-relu-maxpool-conv1d": (lambda: nn.Sequential(
         nn.Conv1d(3, 8, 3), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(8, 4, 3)), (2, 3, 20)),
+    "conv-maxpool-conv": (lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 5, 3)), (2, 3, 12, 12)),
     "conv3d-gelu-conv3d": (lambda: nn.Sequential(
         nn.Conv3d(2, 6, 3), nn.GELU(), nn.Conv3d(6, 4, 1)), (1, 2, 6, 6, 6)),
     "conv-relu-adaptivepool-flatten-linear": (lambda: nn.Sequential(

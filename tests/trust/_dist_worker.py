@@ -92,6 +92,16 @@ def _refusals(sparsifier: prunekit.BaseSparsifier) -> dict[str, str]:
     except prunekit.UnsupportedError as err:
         messages["load_state_dict"] = str(err)
     assert_same_model(late_before, late)
+    floats = tiny_model()  # a float mask is not baked into the original: no squash in place
+    float_sparsifier = prunekit.WeightNormSparsifier()
+    float_sparsifier.prepare(floats, [{"tensor_fqn": "0.weight", "mask": torch.ones(6, 8)}])
+    _shard(floats)
+    floats_before = model_snapshot(floats)
+    try:
+        float_sparsifier.squash_mask()
+    except prunekit.UnsupportedError as err:
+        messages["squash_float_mask"] = str(err)
+    assert_same_model(floats_before, floats)
     return messages
 
 

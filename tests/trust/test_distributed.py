@@ -108,9 +108,16 @@ def test_prepare_inside_ddp_is_refused(ranks: list[dict[str, Any]]) -> None:
     assert "before DistributedDataParallel(model)" in message
 
 
-def test_fsdp2_refuses_masks_attached_after_sharding(ranks: list[dict[str, Any]]) -> None:
+def test_fsdp2_refusals_change_nothing(ranks: list[dict[str, Any]]) -> None:
     refused = ranks[0]["fsdp2"]["refused"]
-    assert refused.keys() == {"prepare_config", "prepare_none", "load_state_dict"}
+    assert refused.keys() == {
+        "prepare_config",
+        "prepare_none",
+        "load_state_dict",
+        "squash_float_mask",
+    }
+    assert "squash_mask: '0.weight' is sharded" in refused["squash_float_mask"]
+    assert "unsharded copy" in refused["squash_float_mask"]
     assert "config[0]: '0.weight' is already sharded" in refused["prepare_config"]
     assert "parameter '0.weight' is already sharded" in refused["prepare_none"]
     assert "before fully_shard(model)" in refused["prepare_none"]

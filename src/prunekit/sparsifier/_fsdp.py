@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -65,8 +66,9 @@ def sharded_homes(model: nn.Module, groups: list[dict[str, Any]], original: Any)
 def _squashable(module: nn.Module, plist: nn.Module, homes: list | None) -> bool:
     """A single bool mask, a wrapper class laid out as fully_shard makes it, and one FSDP2
     record that owns the parameter alone (not tied to other modules)."""
-    if homes is None or len(plist) != 1 or getattr(plist[0], "mask", None) is None:
-        return False
+    mask = getattr(plist[0], "mask", None) if len(plist) == 1 else None
+    if homes is None or mask is None or mask.dtype != torch.bool:
+        return False  # only a bool mask is already baked into the original by apply_
     fsdp = sys.modules["torch.distributed.fsdp"]
     bases = type(module).__bases__
     if isinstance(module, fsdp.FSDPModule) and (len(bases) != 2 or bases[0] is not fsdp.FSDPModule):

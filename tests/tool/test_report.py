@@ -95,3 +95,10 @@ def test_read_report_errors(tmp_path):
     (tmp_path / "report.json").write_text('{"title": "x"}')
     with pytest.raises(ConfigError, match=r"lacks keys \['curves', 'layers', 'metric'"):
         read_report(tmp_path)
+
+
+def test_unmeasured_metric_column_is_left_out():
+    model, x = _model(), (torch.randn(1, 1, 8, 8),)
+    report = make_report("prune", "prune", "metric")
+    add_model(report, "after", summarize(model, x, repeats=1), layer_table(model, x))
+    assert render_summary(report).splitlines()[0].split()[:3] == ["model", "params", "nonzero"]

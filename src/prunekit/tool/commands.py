@@ -46,12 +46,10 @@ def _check_demo_out(out: Path) -> None:
 
 def demo(args: argparse.Namespace) -> int:
     """Train, prune, print the before/after table and write the report folder."""
-    import torch
+    import dataclasses
 
     from prunekit.tool.demo import DemoSettings, run_demo
 
-    if args.threads is None:  # a tiny CNN: extra threads only add synchronisation
-        torch.set_num_threads(1)
     out = Path(args.out)
     _check_demo_out(out)
     start = time.perf_counter()
@@ -59,6 +57,8 @@ def demo(args: argparse.Namespace) -> int:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         settings = DemoSettings.fast() if args.fast else DemoSettings()
+        if args.threads is not None:
+            settings = dataclasses.replace(settings, cnn_threads=args.threads)
         result = run_demo(staging, settings, seed=args.seed, progress=not args.quiet)
         write_report(result, staging)
         replace_dir(staging, out)

@@ -1,15 +1,13 @@
-"""Demo stage (c): one-shot SparseGPT at 50 % on SmolLM2, measured by perplexity.
+"""Demo stage (c): one-shot SparseGPT at 50 % on SmolLM2-135M, measured by perplexity.
 
-Runs only when the ``llm`` extra (transformers) is installed, ``prunekit.oneshot``
-exists and SmolLM2 is already in the local Hugging Face cache: the demo never downloads.
-The text is CPython's own bundled help topics (``pydoc_data``): real English prose that
-ships with every Python, split into calibration and evaluation halves.
+Runs only when the ``llm`` extra and the offline model and text packages are installed
+(``prunekit.oneshot.data`` says which, and how to install them); nothing is downloaded.
+Calibration and evaluation use disjoint halves of English Wikipedia summaries.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import math
+import importlib
 from typing import Any
 
 import torch
@@ -18,55 +16,38 @@ from prunekit.errors import UnsupportedError
 from prunekit.tool.report import Report
 from prunekit.tool.stages import backend, oneshot_stage
 
-__all__ = ["MODEL_ID", "perplexity", "run_llm_stage", "text_chunks"]
+__all__ = ["run_llm_stage"]
 
-MODEL_ID = "HuggingFaceTB/SmolLM2-135M"
-
-
-def text_chunks(tokenizer: Any, n: int, length: int) -> list[torch.Tensor]:
-    """``n`` token windows of ``length`` tokens from the bundled help topics."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    return [ids[i * length : (i + 1) * length].unsqueeze(0) for i in range(n)]
+LABEL = "(c) SmolLM2-135M, SparseGPT 50%"
 
 
-def perplexity(model: Any, chunks: list[torch.Tensor]) -> float:
-    """exp of the mean next-token loss over ``chunks``."""
-    model.eval()
-    with torch.inference_mode():
-        losses = [float(model(input_ids=c, labels=c).loss) for c in chunks]
-    return math.exp(sum(losses) / len(losses))
-
-
-def _load_local(model_id: str) -> tuple[Any, Any]:
-    if importlib.util.find_spec("transformers") is None:
-        raise UnsupportedError("needs the llm extra: pip install 'prunekit[llm]'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _data_module() -> Any:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(model_id, local_files_only=True)
-    except OSError:
-        raise UnsupportedError(
-            f"{model_id} is not in the local Hugging Face cache; the demo never downloads "
-            f"(fetch it once with huggingface-cli download {model_id})"
-        ) from None
-    return model, tokenizer
+        return importlib.import_module("prunekit.oneshot.data")
+    except ImportError:
+        raise UnsupportedError("this prunekit installation has no prunekit.oneshot.data") \
+            from None
 
 
-def run_llm_stage(report: Report, model_id: str = MODEL_ID, n_chunks: int = 8,
-                  length: int = 256) -> None:
-    """Prune SmolLM2 to 50 % with SparseGPT and add its perplexities to ``report``'s notes."""
+def run_llm_stage(report: Report, n_seqs: int = 8, seq_len: int = 256) -> None:
+    """Prune SmolLM2 to 50 % with SparseGPT; add perplexity before/after to ``report``."""
     backend("oneshot")  # fail before loading a model this installation cannot prune
-    model, tokenizer = _load_local(model_id)
-    chunks = text_chunks(tokenizer, 2 * n_chunks, length)
-    calibration, evaluation = chunks[:n_chunks], chunks[n_chunks:]
-    before = perplexity(model, evaluation)
-    oneshot_stage(model, calibration, method="sparsegpt", sparsity=0.5)
-    after = perplexity(model, evaluation)
+    data = _data_module()
+    model, tokenizer = data.load_smollm2()
+    calibration_texts, held_out = data.split_texts(data.wiki_summaries(), holdout=0.5)
+    calibration = data.token_batches(tokenizer, calibration_texts, n_seqs, seq_len)
+    evaluation = data.token_batches(tokenizer, held_out, n_seqs, seq_len)
+    with torch.inference_mode():
+        before = data.perplexity(model, evaluation)
+    levels = oneshot_stage(model, calibration, method="sparsegpt", sparsity=0.5)
+    with torch.inference_mode():
+        after = data.perplexity(model, evaluation)
+    zeros = sum(levels.values()) / len(levels)
+    report["llm"] = {"model": "SmolLM2-135M-Instruct", "method": "sparsegpt", "sparsity": 0.5,
+                     "perplexity_before": before, "perplexity_after": after,
+                     "mean_layer_sparsity": zeros, "layers": len(levels),
+                     "calibration": f"{n_seqs} x {seq_len} tokens"}
     report["notes"].append(
-        f"(c) {model_id}, SparseGPT 50 %: perplexity {before:.2f} -> {after:.2f} "
-        f"on {n_chunks} x {length} held-out tokens of CPython's help topics"
+        f"{LABEL}: perplexity {before:.2f} -> {after:.2f} on {n_seqs} x {seq_len} held-out "
+        f"Wikipedia tokens; {len(levels)} decoder Linear layers at {zeros:.1%} mean sparsity"
     )

@@ -59,6 +59,8 @@ def _summary_rows(report: Report) -> tuple[list[str], list[list[str]]]:
         rows.append([label, value, _human(m["params"]), _human(m["nonzero"]), _human(m["macs"]),
                      _human(m["size_bytes"], "B"), _human(m["gzip_bytes"], "B"),
                      f"{m['latency_ms']:.3f} ms"])
+    if all(m["metric"] is None for m in report["models"].values()):  # nothing measured
+        return [head[0], *head[2:]], [[r[0], *r[2:]] for r in rows]
     return head, rows
 
 
@@ -101,6 +103,12 @@ def render_markdown(report: Report, images: Sequence[str]) -> str:
     """The whole report as Markdown."""
     parts = [f"# {report['title']}", "", _md_table(*_summary_rows(report)), ""]
     parts += [f"- {note}" for note in report["notes"]] + [""]
+    if "llm" in report:
+        llm = report["llm"]
+        row = [llm["model"], llm["method"], f"{llm['sparsity']:.0%}",
+               f"{llm['perplexity_before']:.2f}", f"{llm['perplexity_after']:.2f}"]
+        head = ["language model", "method", "sparsity", "perplexity before", "after"]
+        parts += [_md_table(head, [row]), ""]
     parts += [f"![{Path(i).stem}]({i})" for i in images] + [""]
     for label, rows in report["layers"].items():
         parts += [f"## Layers: {label}", "", _md_table(*_layer_rows(rows)), ""]

@@ -137,7 +137,7 @@ def test_non_finite_inputs_fail_before_any_change(cls):
     with s.calibrate(["0.weight"]):
         model(x)
     before = snapshot(model)
-    with pytest.raises(ConfigError, match="'0' hold NaN or inf"):
+    with pytest.raises(ConfigError, match=r"'0'.* NaN or inf"):
         s.step()
     assert_unchanged(before, model)
 

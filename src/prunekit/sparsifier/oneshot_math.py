@@ -85,21 +85,34 @@ def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Ten
     """
     h = hessian.detach().to(torch.float32).clone()
     if not bool(torch.isfinite(h).all()):
-        raise ConfigError("SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
-                          "of this layer are not finite")
+        raise ConfigError(
+            "SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
+            "of this layer are not finite"
+        )
     diag = h.diagonal()
     diag[diag <= 0] = 1.0
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     scale = float(diag.mean())
     for damp in (percdamp, *(d for d in _DAMP_RETRIES if d > percdamp)):
-        chol, info = torch.linalg.cholesky_ex(h + damp * scale * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper
-    raise ConfigError(f"SparseGPT: the damped Hessian ({h.shape[0]} inputs) is not positive "
-                      f"definite even with damping {_DAMP_RETRIES[-1]}; check the calibration data")
+        upper = _inverse_upper_factor(h + damp * scale * eye)
+        if upper is not None:
+            return upper
+    raise ConfigError(
+        f"SparseGPT: the damped Hessian ({h.shape[0]} inputs) is not positive "
+        f"definite even with damping {_DAMP_RETRIES[-1]}; check the calibration data"
+    )
+
+
+def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper ``U`` with ``UᵀU = H⁻¹`` without forming ``H⁻¹``: the Cholesky factor of
+    ``H`` with rows and columns reversed, flipped back, is an upper ``R`` with
+    ``H = R Rᵀ``, so ``U = R⁻¹`` (one triangular solve). None if ``H`` is not PD."""
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        return None
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+    return upper if bool(torch.isfinite(upper).all()) else None
 
 
 def _block_prune_mask(w: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:
@@ -107,20 +120,22 @@ def _block_prune_mask(w: torch.Tensor, d: torch.Tensor, count: int) -> torch.Ten
     return lowest_k(w.square() / d.square(), count)
 
 
-def _obs_block(
+def _chunk_width(nm: tuple[int, int] | None) -> int:
+    """Columns updated one by one before a lazy matmul: a multiple of M for N:M."""
+    return 16 if nm is None else nm[1] * max(1, 16 // nm[1])
+
+
+def _obs_columns(
     w: torch.Tensor,
     hinv: torch.Tensor,
-    pruned: torch.Tensor | None,
+    pruned: torch.Tensor,
+    errors: torch.Tensor,
     nm: tuple[int, int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prune one column block column by column, pushing each error onto the columns to
-    its right (``w`` is updated in place). Returns the block's error terms and mask."""
-    width = w.shape[1]
-    errors = torch.empty_like(w)
-    if pruned is None:
-        pruned = torch.zeros_like(w, dtype=torch.bool)
+) -> None:
+    """OBS column by column on a small contiguous chunk: prune, then push each column's
+    error onto the columns to its right (all arguments are updated in place)."""
     d = hinv.diagonal()
-    for i in range(width):
+    for i in range(w.shape[1]):
         if nm is not None and i % nm[1] == 0:
             group = slice(i, i + nm[1])
             scores = w[:, group].square() / d[group].square()
@@ -131,6 +146,28 @@ def _obs_block(
         w[:, i:].addr_(err, hinv[i, i:], alpha=-1.0)
         w[:, i].masked_fill_(pruned[:, i], 0.0)
         errors[:, i] = err
+
+
+def _obs_block(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    pruned: torch.Tensor | None,
+    nm: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prune one column block (``w`` is updated in place) in chunks of a few columns,
+    each chunk's error reaching the rest of the block in one matrix product. Returns
+    the block's error terms and mask."""
+    width = w.shape[1]
+    errors = torch.empty_like(w)
+    if pruned is None:
+        pruned = torch.zeros_like(w, dtype=torch.bool)
+    step = _chunk_width(nm)
+    for c0 in range(0, width, step):
+        c1 = min(c0 + step, width)
+        chunk = w[:, c0:c1].clone()  # rank-1 updates are fast on a small dense tensor
+        _obs_columns(chunk, hinv[c0:c1, c0:c1], pruned[:, c0:c1], errors[:, c0:c1], nm)
+        w[:, c0:c1] = chunk
+        w[:, c1:].addmm_(errors[:, c0:c1], hinv[c0:c1, c1:], alpha=-1.0)
     return w, errors, pruned
 
 
@@ -171,11 +208,14 @@ def sparsegpt_reconstruct(
     """
     cols = weight.shape[1]
     if hinv_upper.shape != (cols, cols):
-        raise ConfigError(f"SparseGPT: factor shape {tuple(hinv_upper.shape)} does not match "
-                          f"weight {tuple(weight.shape)}; expected ({cols}, {cols})")
+        raise ConfigError(
+            f"SparseGPT: factor shape {tuple(hinv_upper.shape)} does not match "
+            f"weight {tuple(weight.shape)}; expected ({cols}, {cols})"
+        )
     if nm is not None and cols % nm[1]:
-        raise ConfigError(f"SparseGPT: pattern {nm[0]}:{nm[1]} needs M to divide the input "
-                          f"width, got {cols}")
+        raise ConfigError(
+            f"SparseGPT: pattern {nm[0]}:{nm[1]} needs M to divide the input width, got {cols}"
+        )
     if nm is not None:  # N:M groups must not straddle two blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
     w = weight.detach().to(torch.float32).clone()

@@ -43,8 +43,9 @@ class SparseGPTSparsifier(CalibratedSparsifier):
         blocksize: int = 128,
         percdamp: float = 0.01,
     ) -> None:
-        super().__init__(sparsity_level=sparsity_level, pattern=pattern, blocksize=blocksize,
-                         percdamp=percdamp)
+        super().__init__(
+            sparsity_level=sparsity_level, pattern=pattern, blocksize=blocksize, percdamp=percdamp
+        )
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
@@ -68,7 +69,6 @@ class SparseGPTSparsifier(CalibratedSparsifier):
 
     def prepare_statistic(self, group: dict[str, Any], statistic: torch.Tensor) -> torch.Tensor:
         """The Cholesky factor of the damped inverse Hessian (raises before any change)."""
-        statistic = super().prepare_statistic(group, statistic)
         try:
             return damped_inverse_cholesky(statistic, group["percdamp"])
         except ConfigError as err:

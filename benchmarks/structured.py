@@ -64,44 +64,50 @@ if tp is not None:
     PRUNERS["torch-pruning"] = _torch_pruning
 
 
+def _plan_times(base: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds to plan and apply, each run on a fresh deep copy (copy untimed)."""
+    fresh: dict[str, nn.Module] = {}
+    return interleaved(
+        {k: (lambda k=k, f=f: f(fresh[k], x)) for k, f in PRUNERS.items()},
+        repeats=repeats,
+        setup=lambda k: fresh.__setitem__(k, copy.deepcopy(base)),
+    )
+
+
+def _latencies(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    with torch.inference_mode():
+        return interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats)
+
+
+def _widths(model: nn.Module) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in model.state_dict().values()]
+
+
 def _speed_rows(
     name: str, make: Callable[[], nn.Module], size: int, repeats: int
 ) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     base = make().eval()
-    x1 = torch.randn(1, 3, size, size)
-    x8 = torch.randn(8, 3, size, size)
-    fresh: dict[str, nn.Module] = {}
-    plan_times = interleaved(
-        {k: (lambda k=k, f=f: f(fresh[k], x1)) for k, f in PRUNERS.items()},
-        repeats=max(1, repeats // 2),
-        setup=lambda k: fresh.__setitem__(k, copy.deepcopy(base)),
-    )
+    x1, x8 = torch.randn(1, 3, size, size), torch.randn(8, 3, size, size)
+    plan_times = _plan_times(base, x1, max(1, repeats // 2))
     models = {"dense": base, **{k: f(copy.deepcopy(base), x1).eval() for k, f in PRUNERS.items()}}
-    rows = []
-    lat = {}
-    for batch, x in ((1, x1), (8, x8)):
-        with torch.inference_mode():
-            lat[batch] = interleaved(
-                {k: (lambda m=m, x=x: m(x)) for k, m in models.items()}, repeats
-            )
+    b1 = _latencies(models, x1, 3 * repeats)
+    b8 = _latencies(models, x8, repeats)
     dense_macs = _macs(base, x1)
+    peer = models.get("torch-pruning")
+    rows = []
     for key, model in models.items():
         macs = _macs(model, x1)
-        rows.append(
-            {
-                "model": name,
-                "library": key,
-                "GMACs": macs / 1e9,
-                "MACs ratio": ratio(dense_macs, macs),
-                "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
-                "b1 ms": lat[1][key] * 1e3,
-                "b1 speed-up": ratio(lat[1]["dense"], lat[1][key]),
-                "b8 ms": lat[8][key] * 1e3,
-                "b8 speed-up": ratio(lat[8]["dense"], lat[8][key]),
-                "plan+apply s": plan_times.get(key, 0.0),
-            }
-        )
+        rows.append({
+            "model": name, "library": key, "GMACs": macs / 1e9,
+            "MACs ratio": ratio(dense_macs, macs),
+            "params (M)": sum(p.numel() for p in model.parameters()) / 1e6,
+            "b1 ms": b1[key] * 1e3, "b1 speed-up": ratio(b1["dense"], b1[key]),
+            "b8 ms": b8[key] * 1e3, "b8 speed-up": ratio(b8["dense"], b8[key]),
+            "plan+apply s": plan_times.get(key, 0.0),
+            "same widths as TP": "-" if peer is None or key == "dense"
+            else str(_widths(model) == _widths(peer)).lower(),
+        })  # fmt: skip
     return rows
 
 
@@ -165,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for name, make in specs for r in _speed_rows(name, make, size, repeats)]
     notes = (
         f"{size}x{size} inputs, 50% of channels per group, L2 importance, output layer kept; "
-        "speed-ups are dense / pruned latency (higher is better); "
+        "speed-ups are dense / pruned latency (higher is better; medians of 15 batch-1 "
+        "and 5 batch-8 interleaved runs on a shared, heavily loaded 2-core machine: "
+        "models with identical widths differ only by noise); "
         f"torch-pruning {getattr(tp, '__version__', 'not installed')}; "
         "Torch-Pruning is told to ignore q/k/v projections of the ViT (its head reshape "
         "is hard-coded), which prunekit finds by itself."

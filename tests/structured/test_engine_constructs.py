@@ -3,12 +3,15 @@ couplings (residual, cat, split, grouped convs, ...) must show up in the groups.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from prunekit.structured.engine import importance_names, prune
+from prunekit.structured.engine import LayerPruner, importance_names, prune, register_layer
+from prunekit.structured.engine.channels.state import Tracked
 from tests.structured.zoo import ResNet, TinyLlama, ViT, check_equivalent
 
 
@@ -237,3 +240,42 @@ def test_literal_sizes_without_a_known_attribute_freeze_heads() -> None:
     model = Literal()
     check_equivalent(model, torch.randn(3, 8), ratio=0.5)
     assert model.q.out_features == 8
+
+
+class ChannelScale(nn.Module):
+    """A user's layer: one learned scale per channel (traced through, it looks unknown)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1)
+
+
+def _scaled() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), ChannelScale(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def test_a_registered_layer_pruner_makes_a_custom_layer_prunable() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 6)
+    before = _scaled()
+    check_equivalent(before, x, ratio=0.5)
+    assert before[0].out_channels == 8  # the literal-free view of a parameter is unknown
+
+    @register_layer
+    class ChannelScalePruner(LayerPruner):
+        types = (ChannelScale,)
+
+        def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Any) -> Any:
+            ids = ctx.input_ids(node.args[0], 1, module.weight.numel())
+            ctx.add_member(fqn, "weight", 0, ids)
+            return Tracked(1, ids)
+
+        def resize(self, module: nn.Module) -> None:
+            """Nothing to update: the width lives in the weight alone."""
+
+    after = _scaled()
+    check_equivalent(after, x, ratio=0.5)
+    assert (after[0].out_channels, after[1].weight.numel(), after[3].in_channels) == (4, 4, 4)

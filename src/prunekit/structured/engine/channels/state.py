@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-__all__ = ["AttrRef", "Member", "Tracked", "is_state"]
+__all__ = ["AttrRef", "Member", "Tracked"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,3 @@ class Member:
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.owner, self.name, self.dim)
-
-
-def is_state(value: Any) -> bool:
-    return isinstance(value, (Tracked, AttrRef))

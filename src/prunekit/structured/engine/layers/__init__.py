@@ -10,7 +10,6 @@ from prunekit.structured.engine.layers.base import (
     LayerPruner,
     layer_pruner,
     register_layer,
-    registered_types,
 )
 
-__all__ = ["LayerPruner", "layer_pruner", "register_layer", "registered_types"]
+__all__ = ["LayerPruner", "layer_pruner", "register_layer"]

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from prunekit.structured.engine.channels.context import Propagation
 
-__all__ = ["LayerPruner", "ShapeOf", "layer_pruner", "register_layer", "registered_types"]
+__all__ = ["LayerPruner", "ShapeOf", "layer_pruner", "register_layer"]
 
 ShapeOf = Callable[[str], tuple[int, ...]]
 
@@ -55,10 +55,6 @@ def layer_pruner(module: nn.Module) -> LayerPruner | None:
         if t in _REGISTRY:
             return _REGISTRY[t]
     return None
-
-
-def registered_types() -> tuple[type[nn.Module], ...]:
-    return tuple(_REGISTRY)
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -256,3 +256,18 @@ def test_cubic_sl_checks_types_before_touching_the_sparsifier(kwargs, error, mes
         prunekit.CubicSL(sparsifier, **kwargs)
     assert sparsifier.step == step
     assert [g["sparsity_level"] for g in sparsifier.groups] == [0.7, 0.7]
+
+
+def test_cubic_sl_tiny_and_underflowing_spans() -> None:
+    """Found by the fuzzer: total_t=2.3e-234 overflowed the cube (OverflowError) in step();
+    a product of spans that underflows to 0 divided by zero."""
+    sparsifier = prunekit.WeightNormSparsifier(sparsity_level=0.7)
+    sparsifier.prepare(fuzz_model(), None)
+    with pytest.raises(prunekit.ConfigError, match="non-zero product"):
+        prunekit.CubicSL(sparsifier, delta_t=1e-200, total_t=1e-200)
+    scheduler = prunekit.CubicSL(sparsifier, init_sl=0.1, delta_t=1, total_t=2.3e-234)
+    for _ in range(3):
+        sparsifier.step()
+        scheduler.step()
+    assert scheduler.get_last_sl() == [0.7, 0.7]
+    assert prunekit.CubicSL.sparsity_compute_fn(0.1, 0.7, -5, 0, 1, 4) == 0.1

@@ -52,10 +52,10 @@ class CubicSL(BaseScheduler):
         for i, args in enumerate(zip(*lists, strict=True)):
             self._check_types(i, *args)
             dt, n = args[2:4]
-            if not dt > 0 or not n > 0:
+            if not dt > 0 or not n > 0 or not 0 < dt * n < math.inf:
                 raise ConfigError(
-                    f"CubicSL group {i}: delta_t and total_t must be positive, got "
-                    f"delta_t={dt!r}, total_t={n!r}"
+                    f"CubicSL group {i}: delta_t and total_t must be positive (with a finite, "
+                    f"non-zero product), got delta_t={dt!r}, total_t={n!r}"
                 )
         super().__init__(sparsifier, last_epoch, verbose)
 
@@ -80,7 +80,10 @@ class CubicSL(BaseScheduler):
         ``t_0 + dt * n``), held at the ends."""
         if initially_zero and t < t_0:
             return 0
-        s_t = s_f + (s_0 - s_f) * (1.0 - (t - t_0) / (dt * n)) ** 3
+        progress = (t - t_0) / (dt * n)
+        if not 0 <= progress <= 1:  # held at the ends; the cube could overflow out here
+            return s_0 if progress < 0 else s_f
+        s_t = s_f + (s_0 - s_f) * (1.0 - progress) ** 3
         return max(min(s_0, s_f), min(max(s_0, s_f), s_t))
 
     def get_sl(self) -> list[Any]:

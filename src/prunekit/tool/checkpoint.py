@@ -112,7 +112,9 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        unique[key] = tensor.detach().cpu().contiguous().clone()
+        tensor = tensor.detach().cpu().contiguous()
+        whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        unique[key] = tensor if whole else tensor.clone()  # a view: own its memory
     return unique, aliases
 
 

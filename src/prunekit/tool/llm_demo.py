@@ -29,14 +29,16 @@ def _data_module() -> Any:
             from None
 
 
-def run_llm_stage(report: Report, n_seqs: int = 8, seq_len: int = 256) -> None:
-    """Prune SmolLM2 to 50 % with SparseGPT; add perplexity before/after to ``report``."""
+def run_llm_stage(report: Report, n_seqs: int = 8, seq_len: int = 128,
+                  eval_seqs: int = 4) -> None:
+    """Prune SmolLM2 to 50 % with SparseGPT (``n_seqs`` x ``seq_len`` calibration tokens,
+    sized for the demo's time budget); add perplexity before/after to ``report``."""
     backend("oneshot")  # fail before loading a model this installation cannot prune
     data = _data_module()
     model, tokenizer = data.load_smollm2()
     calibration_texts, held_out = data.split_texts(data.wiki_summaries(), holdout=0.5)
     calibration = data.token_batches(tokenizer, calibration_texts, n_seqs, seq_len)
-    evaluation = data.token_batches(tokenizer, held_out, n_seqs, seq_len)
+    evaluation = data.token_batches(tokenizer, held_out, eval_seqs, seq_len)
     with torch.inference_mode():
         before = data.perplexity(model, evaluation)
     levels = oneshot_stage(model, calibration, method="sparsegpt", sparsity=0.5)
@@ -46,8 +48,9 @@ def run_llm_stage(report: Report, n_seqs: int = 8, seq_len: int = 256) -> None:
     report["llm"] = {"model": "SmolLM2-135M-Instruct", "method": "sparsegpt", "sparsity": 0.5,
                      "perplexity_before": before, "perplexity_after": after,
                      "mean_layer_sparsity": zeros, "layers": len(levels),
-                     "calibration": f"{n_seqs} x {seq_len} tokens"}
+                     "calibration": f"{n_seqs} x {seq_len} tokens",
+                     "evaluation": f"{eval_seqs} x {seq_len} tokens"}
     report["notes"].append(
-        f"{LABEL}: perplexity {before:.2f} -> {after:.2f} on {n_seqs} x {seq_len} held-out "
+        f"{LABEL}: perplexity {before:.2f} -> {after:.2f} on {eval_seqs} x {seq_len} held-out "
         f"Wikipedia tokens; {len(levels)} decoder Linear layers at {zeros:.1%} mean sparsity"
     )

@@ -186,6 +186,12 @@ def test_prepare_refuses_widths_and_layer_types_before_any_change(cls):
     assert_unchanged(before, model)
 
 
+def test_calibrate_before_prepare():
+    message = r"nothing is prepared; call prepare\(model, config\)"
+    with pytest.raises(StateError, match=message), WandaSparsifier().calibrate():
+        pass
+
+
 def test_unknown_tensor_fqns():
     s = WandaSparsifier()
     s.prepare(mlp(), None)

@@ -145,6 +145,8 @@ class CalibratedSparsifier(BaseSparsifier):
         >>> int((model[0].weight == 0).sum())
         32
         """
+        if not self.groups:
+            raise StateError("calibrate: nothing is prepared; call prepare(model, config) first")
         self._check_prepared("calibrate")
         groups = self._select(tensor_fqns, "calibrate")
         handles = []

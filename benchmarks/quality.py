@@ -222,6 +222,7 @@ def structured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
         "Torch-Pruning MagnitudePruner (L2)": lambda m, r: shrink_torch_pruning(m, r, example),
         "prunekit engine (LAMP, global)": lambda m, r: shrink_prunekit(m, r, example, "lamp",
                                                                        True),
+        "prunekit engine (L2) + distillation": lambda m, r: shrink_prunekit(m, r, example, "l2"),
     }
     for ratio in CHANNELS:
         for method, shrink in methods.items():
@@ -229,7 +230,9 @@ def structured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
             loader.passes = 0
             shrink(model, ratio)
             pruned = accuracy(model, data["x_test"], data["y_test"])
-            prunekit.finetune(model, loader, epochs=cfg["finetune_epochs"], lr=5e-4)
+            teacher = dense if "distillation" in method else None
+            prunekit.finetune(model, loader, epochs=cfg["finetune_epochs"], lr=5e-4,
+                              teacher=teacher)
             rows.append(_row("channels", ratio, method, model, data, start, pruned, dense_acc))
             save()
 
@@ -277,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
              f"(Adam 1e-3). Unstructured: {cfg['prune_epochs']} epochs SGD(0.01, momentum 0.9, "
              f"wd 1e-4, linear decay), cubic schedule over the first 60% of steps, a prune "
              f"event every {cfg['prune_every']} steps. Channels: prune, then "
-             f"{cfg['finetune_epochs']} epoch Adam 5e-4. vs_dense = accuracy - dense accuracy "
+             f"{cfg['finetune_epochs']} epoch Adam 5e-4 (distillation: alpha 0.5, T 4, from the "
+             "dense model). vs_dense = accuracy - dense accuracy "
              f"(points). {args.threads} thread(s).")
 
     def save() -> None:

@@ -77,12 +77,13 @@ def candidates(model: nn.Module, x: torch.Tensor, pattern: str) -> tuple[dict[st
 
 
 def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms per call; each timed sample runs enough calls to last about 2 ms."""
+    """Median ms per call. Each timed sample runs enough calls to last about 20 ms, so
+    that on a busy machine every candidate gets the same share of the CPU."""
     with torch.inference_mode():
         models["dense"](x)
         start = time.perf_counter()
         models["dense"](x)
-        inner = max(1, int(0.002 / max(time.perf_counter() - start, 1e-6)))
+        inner = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
         calls: dict[str, Callable[[], Any]] = {
             name: (lambda m=m: [m(x) for _ in range(inner)]) for name, m in models.items()
         }

@@ -105,7 +105,7 @@ def _speed_rows(
             "b1 ms": b1[key] * 1e3, "b1 speed-up": ratio(b1["dense"], b1[key]),
             "b8 ms": b8[key] * 1e3, "b8 speed-up": ratio(b8["dense"], b8[key]),
             "plan+apply s": plan_times.get(key, 0.0),
-            "same widths as TP": "-" if peer is None or key == "dense"
+            "same widths as TP": "-" if peer is None or key in ("dense", "torch-pruning")
             else str(_widths(model) == _widths(peer)).lower(),
         })  # fmt: skip
     return rows

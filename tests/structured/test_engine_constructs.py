@@ -279,3 +279,30 @@ def test_a_registered_layer_pruner_makes_a_custom_layer_prunable() -> None:
     after = _scaled()
     check_equivalent(after, x, ratio=0.5)
     assert (after[0].out_channels, after[1].weight.numel(), after[3].in_channels) == (4, 4, 4)
+
+
+class MHABlock(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4, batch_first: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_loses_one_dim_of_every_head_exactly(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), MHABlock(batch_first=batch_first), nn.Linear(32, 3))
+    x = torch.randn(2, 5, 8)
+    plan = check_equivalent(model, x, ratio=0.5)
+    attn = model[1].attn
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (16, 4, 4)
+    assert attn.in_proj_weight.shape == (48, 16) and attn.out_proj.weight.shape == (16, 16)
+    stream = next(g for g in plan.groups if "1.attn.in_proj_weight[1]" in g.members)
+    assert stream.width == 8  # head_dim units, each spanning the 4 heads
+    torch.export.export(model, (x,))

@@ -1,6 +1,7 @@
 """Registered layer pruners; importing this package registers every built-in type."""
 
 from prunekit.structured.engine.layers import (  # noqa: F401  (registration)
+    attention,
     conv,
     linear,
     norm,

@@ -13,7 +13,7 @@ from torch import nn
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.structured.engine.apply import AttrChange, Slice
 from prunekit.structured.engine.capture import capture
-from prunekit.structured.engine.channels.groups import ChannelGraph, build_groups
+from prunekit.structured.engine.channels.groups import ChannelGraph, Group, build_groups
 from prunekit.structured.engine.channels.propagate import propagate
 from prunekit.structured.engine.flops import count_macs, count_params
 from prunekit.structured.engine.importance import Importance, get_importance
@@ -142,9 +142,7 @@ def _make_plan(
         "macs_after": count_macs(model, calls, sizes),
     }
     groups = [
-        _summary(model, calls, channels, g, removed, totals)
-        for g in channels.groups
-        if g.prunable.size
+        _summary(model, calls, channels, g, removed) for g in channels.groups if g.prunable.size
     ]
     return PrunePlan(model, slices, groups, totals, settings, inexact)
 
@@ -153,9 +151,8 @@ def _summary(
     model: nn.Module,
     calls: list[tuple[str, Any]],
     channels: ChannelGraph,
-    group: Any,
+    group: Group,
     removed: np.ndarray,
-    totals: dict[str, int],
 ) -> GroupSummary:
     """What removing this group's channels alone would save (groups overlap in layers
     that read one group and write another, so these do not add up to the totals)."""

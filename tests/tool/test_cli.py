@@ -213,6 +213,9 @@ def test_demo_fast(tmp_path, capsys):
     assert float((model.classifier[1].weight == 0).float().mean()) == pytest.approx(0.9, abs=0.01)
     slim = prunekit.load(DigitsCNN, folder / "checkpoints" / "structured")
     assert slim.features[0].out_channels == 16
+    code, text, _ = _run_main(capsys, "report", str(folder), "--out", str(tmp_path / "gallery"))
+    assert code == 0 and "layers of structured 50%" in text
+    assert _is_png(tmp_path / "gallery" / "sparsity_per_layer.png")
     code, text, _ = _run_main(capsys, "demo", "--fast", "--out", str(folder), "-q")
     assert code == 0 and text == ""  # a second run replaces its own report folder
     code, _, err = _run_main(capsys, "demo", "--fast", "--out", str(tmp_path))

@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from prunekit.structured.engine import LayerPruner, importance_names, prune, register_layer
 from prunekit.structured.engine.channels.state import Tracked
-from tests.structured.zoo import ResNet, TinyLlama, ViT, check_equivalent
+from tests.structured.zoo import ResNet, TinyLlama, ViT, check_equivalent, masked_copy
 
 
 class SplitChunk(nn.Module):
@@ -306,3 +306,14 @@ def test_multihead_attention_loses_one_dim_of_every_head_exactly(batch_first: bo
     stream = next(g for g in plan.groups if "1.attn.in_proj_weight[1]" in g.members)
     assert stream.width == 8  # head_dim units, each spanning the 4 heads
     torch.export.export(model, (x,))
+
+
+def test_output_layers_shrink_only_when_asked() -> None:
+    torch.manual_seed(0)
+    model, x = ResNet("basic", (1, 1), width=8, classes=6), torch.randn(2, 3, 16, 16)
+    plan = prune(model, x, ratio=0.5, prune_outputs=True)
+    kept = torch.tensor(next(s.keep for s in plan.slices if s.owner == "fc" and s.dim == 0))
+    masked = masked_copy(model.eval(), plan)
+    plan.apply()
+    assert model.fc.out_features == 3
+    torch.testing.assert_close(model(x), masked(x)[:, kept], rtol=1e-5, atol=1e-6)

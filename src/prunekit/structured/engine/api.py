@@ -32,11 +32,13 @@ def prune(
     round_to: int | None = None,
     global_pruning: bool = False,
     min_channels: int = 1,
+    prune_outputs: bool = False,
 ) -> PrunePlan:
     """Plan removing ``ratio`` of the channels of every group of coupled layers.
 
-    Nothing changes until ``plan.apply()``. Graph outputs and ``ignored_layers`` keep
-    their width. ``global_pruning`` ranks channels across groups instead of per group.
+    Nothing changes until ``plan.apply()``. Graph outputs (unless ``prune_outputs``) and
+    ``ignored_layers`` keep their width. ``global_pruning`` ranks channels across groups
+    instead of per group; every group keeps at least ``min_channels``.
 
     >>> plan = prune(model, torch.randn(1, 3, 224, 224), ratio=0.5)  # doctest: +SKIP
     >>> print(plan)
@@ -46,7 +48,7 @@ def prune(
     criterion = _check_args(model, ratio, importance, round_to, min_channels)
     ignored = _ignored_fqns(model, ignored_layers)
     graph, shapes = capture(model, inputs, frozenset(ignored))
-    ctx = propagate(model, graph, shapes, ignored)
+    ctx = propagate(model, graph, shapes, ignored, prune_outputs=bool(prune_outputs))
     channels = build_groups(ctx)
     check_round_to(channels.groups, round_to or 1)
     scores = class_scores(model, channels, criterion)
@@ -57,6 +59,7 @@ def prune(
         "ignored_layers": sorted(ignored),
         "round_to": round_to,
         "global_pruning": global_pruning,
+        "prune_outputs": bool(prune_outputs),
         "min_channels": min_channels,
     }
     plan = _make_plan(model, ctx.calls, channels, pruned, settings, sorted(ctx.inexact))

@@ -21,14 +21,20 @@ __all__ = ["propagate"]
 
 
 def propagate(
-    model: nn.Module, graph: fx.Graph, shapes: dict[fx.Node, Any], ignored: Collection[str]
+    model: nn.Module,
+    graph: fx.Graph,
+    shapes: dict[fx.Node, Any],
+    ignored: Collection[str],
+    prune_outputs: bool = False,
 ) -> Propagation:
     """Channel ids of every value of ``graph`` (captured from ``model``). Graph outputs
-    and the outputs of ``ignored`` modules are frozen, so their widths never change."""
+    (unless ``prune_outputs``) and the outputs of ``ignored`` modules are frozen, so
+    their widths never change."""
     ctx = Propagation(model, shapes)
     for node in graph.nodes:
         if node.op == "output":
-            ctx.freeze(ctx.state(node.args[0]))
+            if not prune_outputs:
+                ctx.freeze(ctx.state(node.args[0]))
             continue
         ctx.env[node] = _visit(model, node, ctx, ignored)
     return ctx

@@ -317,3 +317,40 @@ def test_output_layers_shrink_only_when_asked() -> None:
     plan.apply()
     assert model.fc.out_features == 3
     torch.testing.assert_close(model(x), masked(x)[:, kept], rtol=1e-5, atol=1e-6)
+
+
+def test_token_mixing_linear_passes_channels_through() -> None:
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.mix, self.o = nn.Linear(6, 10), nn.Linear(4, 4), nn.Linear(10, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.gelu(self.a(x))
+            h = self.mix(h.transpose(1, 2)).transpose(1, 2)  # a Linear over the tokens
+            return self.o(h).sum(1)
+
+    torch.manual_seed(0)
+    model = Mixer()
+    check_equivalent(model, torch.randn(2, 4, 6), ratio=0.5)
+    assert (model.a.out_features, model.mix.in_features, model.o.in_features) == (5, 4, 5)
+
+
+def test_shared_layer_buffers_and_view_into_linear() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 4 * 4, 5)
+            self.register_buffer("scale", torch.rand(1, 8, 1, 1) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.b(F.relu(self.b(F.relu(self.a(x))) * self.scale))  # b called twice
+            y = F.avg_pool2d(y, 2)
+            return self.fc(y.view(y.size(0), -1))
+
+    torch.manual_seed(0)
+    model = Shared()
+    check_equivalent(model, torch.randn(2, 3, 8, 8), ratio=0.5)
+    assert model.b.weight.shape == (4, 4, 3, 3) and model.scale.shape == (1, 4, 1, 1)
+    assert model.fc.in_features == 4 * 4 * 4

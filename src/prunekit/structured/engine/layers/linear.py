@@ -15,12 +15,17 @@ __all__ = ["EmbeddingPruner", "LinearPruner"]
 
 @register_layer
 class LinearPruner(LayerPruner):
-    """Rows of ``weight`` are output channels, columns read the input's last dim."""
+    """Rows of ``weight`` are output channels, columns read the input's last dim. Applied
+    along another dim than the tracked one (token mixing), it passes those channels
+    through untouched and its own widths stay fixed."""
 
     types = (nn.Linear,)
 
     def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
         assert isinstance(module, nn.Linear)
+        state = ctx.state(node.args[0])
+        if isinstance(state, Tracked) and state.dim != len(ctx.shape(node)) - 1:
+            return state
         in_ids = ctx.input_ids(node.args[0], -1, module.in_features)
         out_ids = ctx.fresh(module.out_features)
         ctx.add_member(fqn, "weight", 0, out_ids)

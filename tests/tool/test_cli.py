@@ -94,12 +94,18 @@ def test_a_user_mistake_in_a_process_is_one_line_and_exit_2(tmp_path):
     (["prune", FACTORY, "--weights", "{tmp}/w.safetensors", "--recipe", "{recipe}", "--out",
       "{out}"], "prunekit prune: error: weights '{tmp}/w.safetensors': no such file"),
     (["report", "{tmp}"], "prunekit report: error: report: folder '{tmp}' holds neither"),
+    (["prune", FACTORY, "--recipe", "{importance}", "--out", "{out}"],
+     "prunekit prune: error: recipe.stages[1].importance: expected one of ["),
     (["bench"], "prunekit bench: error: bench: name a benchmark or pass --list; available:"),
 ])
 def test_user_mistakes_exit_2_with_one_line(tmp_path, recipe, capsys, monkeypatch, args, message):
     monkeypatch.chdir(ROOT)
     (tmp_path / "recipe.yaml.pt2").write_text("not a zip")
-    fill = {"recipe": str(recipe), "out": str(tmp_path / "o"), "tmp": str(tmp_path)}
+    importance = tmp_path / "importance.yaml"
+    importance.write_text("input_shape: [1, 1, 8, 8]\nstages: [{type: unstructured, sparsity: "
+                          "0.5}, {type: structured, ratio: 0.5, importance: l7}]\n")
+    fill = {"recipe": str(recipe), "out": str(tmp_path / "o"), "tmp": str(tmp_path),
+            "importance": str(importance)}
     code, out, err = _run_main(capsys, *[a.format(**fill) for a in args])
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(message.format(**fill)), err
@@ -227,3 +233,19 @@ def test_demo_in_a_process(tmp_path):
     done = _cli("demo", "--out", str(tmp_path / "demo"), "--threads", "2")
     assert done.returncode == 0, done.stderr
     assert "structured 50%" in done.stdout and (tmp_path / "demo" / "report.md").is_file()
+
+
+def test_structured_stage_through_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("input_shape: [2, 1, 8, 8]\nstages:\n"
+                      "  - {type: unstructured, sparsity: 0.5, schedule: {steps: 2}}\n"
+                      "  - {type: structured, ratio: 0.5, importance: l1}\n")
+    out = tmp_path / "o"
+    code, text, err = _run_main(capsys, "prune", FACTORY, "--recipe", str(recipe), "--out",
+                                str(out))
+    assert code == 0, err
+    model = prunekit.load(DigitsCNN, out)
+    assert (model.features[0].out_channels, model.classifier[1].in_features) == (16, 512)
+    plan = json.loads((out / "structure.json").read_text())["plans"][0]
+    assert plan["settings"]["importance"] == "l1" and plan["settings"]["ratio"] == 0.5
+    assert text.splitlines()[0].split()[:2] == ["model", "params"]

@@ -27,7 +27,7 @@ from prunekit.tool.measure import layer_table, summarize
 from prunekit.tool.modelspec import LoadedModel, load_model
 from prunekit.tool.recipe import load_recipe
 from prunekit.tool.report import Report, add_model, make_report, write_report
-from prunekit.tool.stages import oneshot_stage, structured_stage, unstructured_stage
+from prunekit.tool.stages import backend, oneshot_stage, structured_stage, unstructured_stage
 
 __all__ = ["RUN_JSON", "example_from_shape", "run_prune"]
 
@@ -95,6 +95,22 @@ def _run_stage(model: nn.Module, stage: dict, recipe: dict, example: tuple,
         oneshot_stage(model, calibration, stage["method"], stage["sparsity"])
 
 
+def check_backends(recipe: dict) -> None:
+    """Every stage's backend exists and knows the stage's importance, before any work."""
+    for i, stage in enumerate(recipe["stages"]):
+        if stage["type"] == "unstructured":
+            continue
+        backend(stage["type"])
+        if stage["type"] == "structured" and stage["importance"] is not None:
+            from prunekit.structured.engine import importance_names
+
+            if stage["importance"] not in importance_names():
+                raise ConfigError(
+                    f"recipe.stages[{i}].importance: expected one of {importance_names()}, "
+                    f"got {stage['importance']!r}"
+                )
+
+
 def _record(report: Report, label: str, model: nn.Module, example: tuple) -> None:
     add_model(report, label, summarize(model, example, repeats=10), layer_table(model, example))
 
@@ -119,6 +135,7 @@ def run_prune(model_spec: str, recipe_path: str, out: str, weights: str | None =
               overwrite: bool = False, progress: bool = True) -> Report:
     """Validate everything, run the recipe's stages in order, write ``out``."""
     recipe = load_recipe(recipe_path)
+    check_backends(recipe)
     target = Path(out)
     if target.exists() and not overwrite:
         raise ConfigError(f"--out '{out}' already exists; pass --overwrite to replace it")

@@ -249,3 +249,19 @@ def test_structured_stage_through_a_recipe(tmp_path, capsys):
     plan = json.loads((out / "structure.json").read_text())["plans"][0]
     assert plan["settings"]["importance"] == "l1" and plan["settings"]["ratio"] == 0.5
     assert text.splitlines()[0].split()[:2] == ["model", "params"]
+
+
+def test_oneshot_stage_with_calibration_data(tmp_path, capsys):
+    save_file({"inputs": torch.randn(16, 1, 8, 8)}, str(tmp_path / "c.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{file: {tmp_path / 'c.safetensors'}, batches: 2, "
+                      "batch_size: 8}\n"
+                      "stages: [{type: oneshot, method: sparsegpt, sparsity: 0.5}]\n")
+    out = tmp_path / "o"
+    code, _, err = _run_main(capsys, "prune", FACTORY, "--recipe", str(recipe), "--out", str(out),
+                             "-q")
+    assert code == 0, err
+    model = prunekit.load(DigitsCNN, out)
+    assert float((model.classifier[1].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    run = json.loads((out / "run.json").read_text())
+    assert run["example_shapes"] == [[1, 1, 8, 8]]

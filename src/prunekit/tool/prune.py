@@ -63,7 +63,7 @@ def example_from_shape(shape: list[int], dtype: str) -> tuple[torch.Tensor]:
 
 def _example(recipe: dict, loaded: LoadedModel, calibration: list[torch.Tensor]) -> tuple:
     if calibration:
-        return (calibration[0],)
+        return (calibration[0][:1],)  # one sample: MACs and latency per input
     if recipe["input_shape"] is not None:
         return example_from_shape(recipe["input_shape"], recipe["input_dtype"])
     if loaded.example_inputs is not None:
@@ -142,7 +142,8 @@ def run_prune(model_spec: str, recipe_path: str, out: str, weights: str | None =
     loaded = load_model(model_spec, weights)
     calibration = load_calibration(recipe["calibration"]) if recipe["calibration"] else []
     example = _example(recipe, loaded, calibration)
-    check_fits(loaded.model, example, "calibration batch" if calibration else "example input")
+    check_fits(loaded.model, (calibration[0],) if calibration else example,
+               "calibration batch" if calibration else "example input")
     if recipe["seed"] is not None:
         torch.manual_seed(recipe["seed"])
     report = make_report(f"prunekit prune {model_spec}", "prune", "metric")

@@ -8,6 +8,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import prunekit
@@ -162,3 +164,25 @@ def test_failed_load_leaves_a_given_model_unchanged(tmp_path):
 def test_record_plan_needs_json():
     with pytest.raises(ConfigTypeError, match="not JSON-serialisable"):
         record_plan(_mlp(), {"tensor": torch.ones(1)})
+
+
+@settings(max_examples=15, deadline=None)
+@given(widths=st.lists(st.integers(2, 9), min_size=2, max_size=4), data=st.data())
+def test_any_hand_shrunk_mlp_round_trips(widths, data, tmp_path_factory):
+    def build() -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for a, b in zip([5, *widths[:-1]], widths, strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(widths[-1], 3))
+
+    torch.manual_seed(0)
+    model = build()
+    for i in range(len(widths)):
+        _shrink_linear(model, 2 * i, data.draw(st.integers(1, model[2 * i].out_features)))
+    folder = tmp_path_factory.mktemp("ckpt") / "c"
+    prunekit.save(model, folder)
+    loaded = prunekit.load(build, folder)
+    x = torch.randn(4, 5)
+    assert torch.equal(loaded(x), model(x))
+    assert [m.out_features for m in loaded if isinstance(m, nn.Linear)] == \
+        [m.out_features for m in model if isinstance(m, nn.Linear)]

@@ -81,7 +81,8 @@ def _sub(sub: argparse._SubParsersAction, name: str, text: str,
 def _build_parser() -> argparse.ArgumentParser:
     from prunekit.tool import commands as cmd
 
-    parser = argparse.ArgumentParser(prog="prunekit", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="prunekit",
+                                     description="Make PyTorch models sparse and smaller.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="run `prunekit COMMAND --help` for examples")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

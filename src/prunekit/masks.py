@@ -82,6 +82,12 @@ def _kth_smallest_(values: torch.Tensor, k: int) -> float:
     NumPy's in-place ``partition`` is a SIMD introselect, an order of magnitude faster than
     ``torch.kthvalue`` on the CPU and free of an extra copy; other devices use torch.
     """
+    lowest = values.min()
+    n_lowest = int((values == lowest).count_nonzero())  # e.g. entries already masked
+    if k <= n_lowest:
+        return float(lowest)
+    if n_lowest * 8 > values.numel():  # selection slows down on long runs of equal values
+        values, k = values[values != lowest], k - n_lowest
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
         array = values.numpy()
         array.partition(k - 1)
@@ -175,13 +181,65 @@ def _lowest_in_blocks(
     if (nbr * bh, nbc * bw) != (rows, cols):
         scores = F.pad(scores, (0, nbc * bw - cols, 0, nbr * bh - rows), value=math.nan)
     blocks = scores.view(nbr, bh, nbc, bw).permute(0, 2, 1, 3).reshape(nbr, nbc, bh * bw)
-    if in_block_ties_first:
-        idx = blocks.sort(dim=-1, stable=True).indices[..., :zeros_per_block]
+    if bh * bw <= _NETWORK_MAX_BLOCK:
+        lowest = _lowest_by_network(blocks, zeros_per_block, in_block_ties_first)
     else:
-        idx = blocks.topk(zeros_per_block, dim=-1, largest=False).indices
-    lowest = torch.zeros(blocks.shape, dtype=torch.bool, device=chunk.device)
-    lowest.scatter_(-1, idx, True)
+        if in_block_ties_first:
+            idx = blocks.sort(dim=-1, stable=True).indices[..., :zeros_per_block]
+        else:
+            idx = blocks.topk(zeros_per_block, dim=-1, largest=False).indices
+        lowest = torch.zeros(blocks.shape, dtype=torch.bool, device=chunk.device)
+        lowest.scatter_(-1, idx, True)
     return lowest.view(nbr, nbc, bh, bw).permute(0, 2, 1, 3).reshape(nbr * bh, nbc * bw)
+
+
+# Blocks up to this size select their lowest elements with a sorting network over the
+# block's columns (element-wise min/max), several times faster than topk + scatter.
+_NETWORK_MAX_BLOCK = 16
+
+
+def _sorting_network(n: int) -> list[tuple[int, int]]:
+    """Compare-exchange pairs of Batcher's odd-even merge sort for ``n`` (a power of 2)."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+def _lowest_by_network(blocks: torch.Tensor, zeros: int, ties_first: bool) -> torch.Tensor:
+    """Bool mask of the ``zeros`` lowest entries along the last (small) dim of ``blocks``.
+
+    The ``zeros``-th smallest value comes from a sorting network; among entries tied with
+    it, the highest positions are taken first (as topk does) or the lowest with
+    ``ties_first`` (as a stable sort does). NaN ranks above every number.
+    """
+    size = blocks.shape[-1]
+    if zeros <= 0:
+        return torch.zeros(blocks.shape, dtype=torch.bool, device=blocks.device)
+    inf = torch.tensor(math.inf, dtype=blocks.dtype, device=blocks.device)
+    cols = [torch.where(c.isnan(), inf, c) for c in blocks.unbind(-1)]
+    ordered = cols + [inf.expand_as(cols[0])] * ((1 << (size - 1).bit_length()) - size)
+    for a, b in _sorting_network(len(ordered)):
+        ordered[a], ordered[b] = (
+            torch.minimum(ordered[a], ordered[b]),
+            torch.maximum(ordered[a], ordered[b]),
+        )
+    threshold = ordered[zeros - 1]
+    less = [c < threshold for c in cols]
+    need = zeros - torch.stack(less).sum(0, dtype=torch.int16)
+    chosen = list(less)
+    for i in range(size) if ties_first else reversed(range(size)):
+        take = (cols[i] == threshold) & (need > 0)
+        chosen[i] = less[i] | take
+        need -= take.to(torch.int16)
+    return torch.stack(chosen, dim=-1)
 
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:

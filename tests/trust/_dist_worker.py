@@ -27,8 +27,10 @@ from tests.trust._helpers import (
     batches,
     make_scheduler,
     make_sparsifier,
+    make_structured_pruner,
     masks_of,
     model_snapshot,
+    structured_result,
     tiny_model,
     train,
 )
@@ -53,6 +55,16 @@ def _ddp_run(rank: int, world: int) -> dict[str, Any]:
     result["squashed"] = {k: v.clone() for k, v in model.state_dict().items()}
     result["refused"] = _ddp_refusal()
     return result
+
+
+def _ddp_structured_run(rank: int, world: int) -> dict[str, Any]:
+    """A structured pruner's mask phase inside DDP (prepared before wrapping), then prune()."""
+    model = tiny_model()
+    pruner = make_structured_pruner(model)
+    wrapped = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    train(wrapped, optimizer, pruner, make_scheduler(pruner), batches(), _rows(rank, world))
+    return structured_result(model, pruner)
 
 
 def _ddp_refusal() -> str:
@@ -160,6 +172,7 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         torch.set_num_threads(1)
         result = {
             "ddp": _ddp_run(rank, world),
+            "ddp_structured": _ddp_structured_run(rank, world),
             "fsdp2": _fsdp_run(rank, world),
             "fsdp2_root_eval": _fsdp_run(rank, world, root_only=True),
         }

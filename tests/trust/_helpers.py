@@ -124,3 +124,31 @@ def assert_same_model(before: dict[str, Any], model: nn.Module) -> None:
         assert (new_dtype, new_ident) == (dtype, ident), name
         assert torch.equal(value.isnan(), new_value.isnan()), name
         assert torch.equal(value.nan_to_num(), new_value.nan_to_num()), name
+
+
+def make_structured_pruner(model: nn.Module) -> Any:
+    """A SaliencyPruner on the hidden layer (its rows are channels), gradually to 50%."""
+    from prunekit.structured import SaliencyPruner
+
+    pruner = SaliencyPruner({"sparsity_level": 0.5})
+    pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
+    return pruner
+
+
+def structured_result(model: nn.Module, pruner: Any) -> dict[str, Any]:
+    """Row masks, then the physically shrunk model's weights (``prune()`` in place)."""
+    masks = masks_of(pruner)
+    pruner.prune()
+    return {
+        "masks": masks,
+        "pruned": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def single_structured_run() -> dict[str, Any]:
+    """The structured pruner's mask phase and prune() on the full batches, in this process."""
+    model = tiny_model()
+    pruner = make_structured_pruner(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(model, optimizer, pruner, make_scheduler(pruner), batches())
+    return structured_result(model, pruner)

@@ -159,3 +159,18 @@ def test_fsdp2_checkpoint_squashes_in_an_unsharded_copy(
         torch.testing.assert_close(model.state_dict()[key], expected, rtol=0, atol=1e-12)
     assert [g["tensor_fqn"] for g in sparsifier.groups] == [c["tensor_fqn"] for c in CONFIG]
     assert isinstance(sparsifier, prunekit.WeightNormSparsifier)
+
+
+def test_structured_mask_phase_in_ddp_matches_single_process(ranks: list[dict[str, Any]]) -> None:
+    """SaliencyPruner + CubicSL inside DDP: the same row masks on every rank and as in one
+    process, and prune() shrinks every rank to the same weights."""
+    from tests.trust._helpers import single_structured_run
+
+    expected = single_structured_run()
+    assert int((~expected["masks"]["0.weight"]).sum()) == 3  # half of the 6 rows pruned
+    for rank in ranks:
+        result = rank["ddp_structured"]
+        assert torch.equal(result["masks"]["0.weight"], expected["masks"]["0.weight"])
+        assert result["pruned"]["0.weight"].shape == (3, 8)
+        for key, value in expected["pruned"].items():
+            torch.testing.assert_close(result["pruned"][key], value, rtol=0, atol=1e-12)

@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateDictError, StateError
 from prunekit.fqn import resolve_tensor_fqn
 from prunekit.parametrization import module_contains_param
+from prunekit.sparsifier._loading import groups_to_load
 from prunekit.sparsifier.base import BaseSparsifier
 from prunekit.structured import ops
 from prunekit.structured.graph import plan_prune
@@ -200,32 +201,14 @@ class BaseStructuredSparsifier(BaseSparsifier):
                 f"load_state_dict: missing keys {missing}; got {sorted(state_dict)}"
             )
         masks = _row_masks(model, state_dict["state"], strict)
-        groups = [
-            self._loaded_group(model, i, g, strict) for i, g in enumerate(state_dict["groups"])
-        ]
+        groups = groups_to_load(model, state_dict["groups"], strict, self.validate_group)
         state: dict[str, dict] = defaultdict(dict)
         for fqn, entry in state_dict["state"].items():
             state[fqn] = {k: copy.deepcopy(v) for k, v in entry.items() if k != "mask"}
         for fqn, (holder, mask) in masks.items():
             holder.copy_(mask)
             state[fqn]["mask"] = holder
-        self.model, self.state, self.groups = model, state, [g for g in groups if g is not None]
-
-    def _loaded_group(
-        self, model: nn.Module, i: int, group: Any, strict: bool
-    ) -> dict[str, Any] | None:
-        if not isinstance(group, dict) or "tensor_fqn" not in group:
-            raise StateDictError(f"load_state_dict: groups[{i}] has no 'tensor_fqn': {group!r}")
-        try:
-            info = resolve_tensor_fqn(model, group["tensor_fqn"])
-        except FqnError as err:
-            if strict:
-                raise StateDictError(f"load_state_dict: {err}") from None
-            return None
-        loaded = copy.deepcopy(group)
-        loaded.update(info)
-        self.validate_group(loaded)
-        return loaded
+        self.model, self.state, self.groups = model, state, groups
 
 
 def _check_row_mask(i: int, fqn: str, mask: Any, tensor: torch.Tensor) -> None:

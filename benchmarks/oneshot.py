@@ -32,7 +32,7 @@ from prunekit.oneshot.data import (
     wiki_summaries,
 )
 
-FULL = {"calib_seqs": 16, "eval_seqs": 8, "seq_len": 512}
+FULL = {"calib_seqs": 64, "eval_seqs": 32, "seq_len": 512}
 QUICK = {"calib_seqs": 4, "eval_seqs": 2, "seq_len": 32}
 RUNS = [("magnitude", None), ("wanda", None), ("sparsegpt", None),
         ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
@@ -93,6 +93,7 @@ def measure(model: nn.Module, calib: list, held_out: list) -> list[dict[str, Any
     dense_ppl = perplexity(model, held_out)
     rows = [{"method": "dense", "sparsity": "0%", "perplexity": dense_ppl, "x dense": 1.0,
              "prune s": 0.0, "peak extra MiB": 0.0}]
+    print(rows[-1], flush=True)  # a long run shows its rows as they come
     for method, pattern in RUNS:
         pruned = copy.deepcopy(model)
         batches = None if method == "magnitude" else calib
@@ -102,6 +103,7 @@ def measure(model: nn.Module, calib: list, held_out: list) -> list[dict[str, Any
         ppl = perplexity(pruned, held_out)
         rows.append({"method": method, "sparsity": pattern or "50%", "perplexity": ppl,
                      "x dense": ppl / dense_ppl, "prune s": seconds, "peak extra MiB": peak})
+        print(rows[-1], flush=True)
         del pruned
     return rows
 

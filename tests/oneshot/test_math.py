@@ -175,7 +175,7 @@ def test_sparsegpt_checks_shapes_and_patterns():
         sparsegpt_reconstruct(torch.randn(2, 6), torch.eye(6), 0.5, nm=(2, 4))
 
 
-def test_block_selection_uses_the_masks_lowest_k():
+def test_block_selection_drops_the_lowest_obs_errors():
     # a column block prunes exactly its share, chosen by lowest w^2 / d^2
     w = torch.tensor([[4.0, 1.0, 3.0, 2.0]])
     _, keep = sparsegpt_prune(w, torch.eye(4), 0.5, blocksize=4)

@@ -94,7 +94,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_the_model_output(llama, batche
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
 
 
-def test_one_blocks_statistics_at_a_time(llama, batches, monkeypatch):
+def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypatch):
     held = []
     step = CalibratedSparsifier.step
 
@@ -104,9 +104,47 @@ def test_one_blocks_statistics_at_a_time(llama, batches, monkeypatch):
 
     monkeypatch.setattr(CalibratedSparsifier, "step", spy)
     prunekit.oneshot(copy.deepcopy(llama), batches, "sparsegpt", progress=False)
-    assert [len(names) for names in held] == [7, 7, 7]
-    for i, names in enumerate(held):
-        assert all(name.startswith(f"model.layers.{i}.") for name in names)
+    stages = [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+              ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert held == [[f"model.layers.{i}.{name}.weight" for name in stage]
+                    for i in range(3) for stage in stages]
+
+
+class Fork(nn.Module):
+    """Two layers read the same input, a third reads what both made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.a(x)) * torch.tanh(self.b(x)))
+
+
+def prune_manually(cls: type, layer: nn.Linear, inputs: list[torch.Tensor]) -> None:
+    s = cls()
+    s.prepare(layer, [{"tensor_fqn": "weight"}])
+    with s.calibrate(), torch.no_grad():
+        for x in inputs:
+            layer(x)
+    s.step()
+    s.squash_mask()
+
+
+@pytest.mark.parametrize("cls", [WandaSparsifier, SparseGPTSparsifier])
+def test_later_layers_of_a_block_calibrate_on_the_pruned_earlier_ones(cls):
+    torch.manual_seed(0)
+    model, batches = Fork(), [torch.randn(32, 16) for _ in range(2)]
+    manual = copy.deepcopy(model)
+    prunekit.oneshot(model, batches, "wanda" if cls is WandaSparsifier else "sparsegpt",
+                     blocks=None, progress=False)
+    prune_manually(cls, manual.a, batches)
+    prune_manually(cls, manual.b, batches)
+    with torch.no_grad():
+        hidden = [torch.tanh(manual.a(x)) * torch.tanh(manual.b(x)) for x in batches]
+    prune_manually(cls, manual.out, hidden)
+    for name in ("a", "b", "out"):
+        torch.testing.assert_close(getattr(model, name).weight, getattr(manual, name).weight)
 
 
 def stack_of_blocks(seed: int = 0) -> nn.Sequential:

@@ -2,10 +2,12 @@
 
 The calibration batches are run through the model once, up to the first block, and
 that block's inputs (hidden states plus the keyword arguments a decoder layer gets:
-masks, positions, rotary embeddings) are kept. Then, for each block: calibrate its
-layers on the kept inputs, prune them, and run the pruned block to make the inputs of
-the next one. Only one block's statistics (Hessians) exist at any time; the kept
-hidden states are the one other cost, ``batches x tokens x width`` floats.
+masks, positions, rotary embeddings) are kept. Then, for each block, stage by stage
+(layers reading the same input: q/k/v, o_proj, gate/up, down_proj): run the block on
+the kept inputs up to the stage's last layer, calibrate, prune; then run the pruned
+block to make the inputs of the next one. Only one stage's statistics (Hessians) exist
+at any time; the kept hidden states are the one other cost, ``batches x tokens x
+width`` floats.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +132,64 @@ def _hidden(output: Any, fqn: str) -> torch.Tensor:
     return output
 
 
+def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput) -> list[list[str]]:
+    """The block's layers in the order the forward calls them, grouped into stages of
+    consecutive layers that read the very same input tensor (q/k/v, then o_proj, then
+    gate/up, then down_proj in a Llama block). Found by one forward on one batch.
+
+    A layer called twice per forward puts all layers in one stage (calibrated together
+    on full forwards), as does a block whose layers are not all reached."""
+    calls: list[tuple[str, Any]] = []  # the inputs themselves, so identity is safe
+    handles = [
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: calls.append((name, args[0] if args else None)))
+        for name, module in modules.items()
+    ]
+    try:
+        block(*record.args, **record.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [name for name, _ in calls]
+    if len(set(names)) != len(names) or set(names) != set(modules):
+        return [list(modules)]
+    stages: list[list[str]] = []
+    for i, (name, source) in enumerate(calls):
+        if i and source is not None and source is calls[i - 1][1]:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    return stages
+
+
+def _calibrate_stage(
+    sparsifier: CalibratedSparsifier,
+    block: nn.Module,
+    stage: list[str],
+    stop_at: nn.Module | None,
+    inputs: list[BlockInput],
+) -> None:
+    """Collect the statistics of one stage; its layers share one input, so only the
+    first layer's is computed and the others get the same tensor. The forward stops
+    right after ``stop_at`` has seen its input (``None``: full forwards)."""
+    first = [f"{stage[0]}.weight"] if stop_at is not None else [f"{n}.weight" for n in stage]
+    with sparsifier.calibrate(first):
+        handle = None if stop_at is None else stop_at.register_forward_pre_hook(_stop)
+        try:
+            for record in inputs:
+                with suppress(_Reached):
+                    block(*record.args, **record.kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+    if stop_at is not None:
+        sparsifier.share_statistic(first[0], [f"{n}.weight" for n in stage[1:]])
+
+
+def _stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+    raise _Reached
+
+
 def run_sequential(
     sparsifier: CalibratedSparsifier,
     blocks: Blocks,
@@ -137,19 +197,23 @@ def run_sequential(
     inputs: list[BlockInput],
     progress: bool = True,
 ) -> None:
-    """Calibrate, prune and advance block by block (see the module docstring)."""
+    """Calibrate, prune and advance block by block (see the module docstring). Inside a
+    block, layers are pruned stage by stage ("true sequential"): each stage calibrates
+    on the outputs of the stages before it, already pruned."""
     bar = tqdm(blocks, desc=f"{type(sparsifier).__name__}", unit="block",
                disable=None if progress else True)
+    prepared = {group["tensor_fqn"]: group["module"] for group in sparsifier.groups}
     for index, (fqn, block) in enumerate(bar):
         start = time.perf_counter()
-        names = [f"{layer}.weight" for layer in layers[fqn]]
-        if names:
-            with sparsifier.calibrate(names):
-                for record in inputs:
-                    block(*record.args, **record.kwargs)
-            sparsifier.step(tensor_fqns=names)
+        by_name = {name: prepared[f"{name}.weight"] for name in layers[fqn]}
+        if by_name:
+            stages = _stages(block, by_name, inputs[0])
+            for stage in stages:
+                stop_at = by_name[stage[-1]] if len(stages) > 1 else None
+                _calibrate_stage(sparsifier, block, stage, stop_at, inputs)
+                sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
         if index + 1 < len(blocks):
             for record in inputs:
                 record.replace_hidden(_hidden(block(*record.args, **record.kwargs), fqn))
-        log.debug("block %r: %d layers pruned in %.2fs", fqn, len(names),
+        log.debug("block %r: %d layers pruned in %.2fs", fqn, len(by_name),
                   time.perf_counter() - start)

@@ -163,6 +163,15 @@ class CalibratedSparsifier(BaseSparsifier):
             for handle in handles:
                 handle.remove()
 
+    def _prepare_statistics(self, groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """``prepare_statistic`` of every group, once per shared statistic."""
+        done: dict[int, torch.Tensor] = {}
+        for group in groups:
+            statistic = self._stats[group["tensor_fqn"]]
+            if id(statistic) not in done:
+                done[id(statistic)] = self.prepare_statistic(group, statistic)
+        return [done[id(self._stats[g["tensor_fqn"]])] for g in groups]
+
     def _record(self, fqn: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != (module.in_features,):
@@ -174,6 +183,21 @@ class CalibratedSparsifier(BaseSparsifier):
             x = x.detach().reshape(-1, x.shape[-1])
             self.accumulate(self._stats[fqn], x.to(self._stats[fqn].dtype))
         self._tokens[fqn] += x.shape[0]
+
+    def share_statistic(self, source: str, targets: Iterable[str]) -> None:
+        """Give ``targets`` the statistic collected for ``source``: layers that read the
+        very same input (q/k/v of attention) need it computed only once. Replaces what
+        ``targets`` had collected."""
+        if source not in self._stats:
+            raise StateError(f"share_statistic: {source!r} has not been calibrated")
+        for group in self._select([source, *targets], "share_statistic")[1:]:
+            fqn = group["tensor_fqn"]
+            if group["module"].in_features != self._stats[source].shape[0]:
+                raise ConfigError(
+                    f"share_statistic: {fqn!r} reads {group['module'].in_features} inputs, "
+                    f"{source!r} {self._stats[source].shape[0]}; they cannot share an input"
+                )
+            self._stats[fqn], self._tokens[fqn] = self._stats[source], self._tokens[source]
 
     # -- step ------------------------------------------------------------------------
     def step(self, use_path: bool = True, *, tensor_fqns: Iterable[str] | None = None) -> None:
@@ -195,7 +219,7 @@ class CalibratedSparsifier(BaseSparsifier):
                 "batches inside `with sparsifier.calibrate():` first"
             )
         with torch.no_grad():
-            ready = [self.prepare_statistic(g, self._stats[g["tensor_fqn"]]) for g in groups]
+            ready = self._prepare_statistics(groups)
             for group, statistic in zip(groups, ready, strict=True):
                 fqn = group["tensor_fqn"]
                 self.update_mask(**group, statistic=statistic)

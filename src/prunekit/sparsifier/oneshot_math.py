@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.errors import ConfigError
-from prunekit.masks import lowest_k, nm_mask
+from prunekit.masks import nm_mask
 
 __all__ = [
     "damped_inverse_cholesky",
@@ -115,60 +115,51 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
     return upper if bool(torch.isfinite(upper).all()) else None
 
 
-def _block_prune_mask(w: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:
-    """Unstructured: the ``count`` weights of a column block with least OBS error w²/d²."""
-    return lowest_k(w.square() / d.square(), count)
+def _block_prune_mask(wt: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:
+    """Unstructured: the ``count`` weights of a column block (given transposed, one
+    input per row) with least OBS error ``w² / d²``, compared across the whole block."""
+    pruned = torch.zeros_like(wt, dtype=torch.bool)
+    if count > 0:
+        scores = (wt.square() / d[:, None].square()).flatten()
+        pruned.view(-1)[scores.topk(count, largest=False, sorted=False).indices] = True
+    return pruned
 
 
-def _chunk_width(nm: tuple[int, int] | None) -> int:
-    """Columns updated one by one before a lazy matmul: a multiple of M for N:M."""
-    return 16 if nm is None else nm[1] * max(1, 16 // nm[1])
+def _nm_group_mask(wt: torch.Tensor, d: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
+    """N:M: in one group of M inputs (rows of ``wt``), the M-N weights of every output
+    with least OBS error, chosen once the earlier groups' errors have reached them."""
+    scores = wt.square() / d[:, None].square()
+    idx = scores.topk(nm[1] - nm[0], dim=0, largest=False).indices
+    return torch.zeros_like(wt, dtype=torch.bool).scatter_(0, idx, True)
 
 
-def _obs_columns(
-    w: torch.Tensor,
-    hinv: torch.Tensor,
-    pruned: torch.Tensor,
-    errors: torch.Tensor,
-    nm: tuple[int, int] | None,
-) -> None:
-    """OBS column by column on a small contiguous chunk: prune, then push each column's
-    error onto the columns to its right (all arguments are updated in place)."""
-    d = hinv.diagonal()
-    for i in range(w.shape[1]):
-        if nm is not None and i % nm[1] == 0:
-            group = slice(i, i + nm[1])
-            scores = w[:, group].square() / d[group].square()
-            idx = scores.topk(nm[1] - nm[0], dim=1, largest=False).indices
-            pruned[:, group].scatter_(1, idx, True)
-        col = w[:, i]
-        err = torch.where(pruned[:, i], col, torch.zeros_like(col)) / d[i]
-        w[:, i:].addr_(err, hinv[i, i:], alpha=-1.0)
-        w[:, i].masked_fill_(pruned[:, i], 0.0)
-        errors[:, i] = err
+# Inputs updated one by one before a lazy matrix product inside a column block.
+_CHUNK = 16
 
 
 def _obs_block(
-    w: torch.Tensor,
-    hinv: torch.Tensor,
-    pruned: torch.Tensor | None,
-    nm: tuple[int, int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prune one column block (``w`` is updated in place) in chunks of a few columns,
-    each chunk's error reaching the rest of the block in one matrix product. Returns
-    the block's error terms and mask."""
-    width = w.shape[1]
-    errors = torch.empty_like(w)
-    if pruned is None:
-        pruned = torch.zeros_like(w, dtype=torch.bool)
-    step = _chunk_width(nm)
+    wt: torch.Tensor, hinv: torch.Tensor, pruned: torch.Tensor, nm: tuple[int, int] | None
+) -> torch.Tensor:
+    """OBS over one column block, in place: ``wt`` is the block transposed ``(inputs,
+    outputs)`` so a column of ``W`` is a contiguous row. Each pruned weight's error is
+    pushed onto the inputs after it, rank-1 within a chunk of a few inputs and by one
+    matrix product onto the rest of the block. Returns the error terms (scaled by
+    ``1/[H⁻¹]_ii``) that the caller spreads over the later blocks."""
+    width = wt.shape[0]
+    errors = torch.empty_like(wt)
+    d = hinv.diagonal()
+    step = _CHUNK if nm is None else nm[1] * max(1, _CHUNK // nm[1])
     for c0 in range(0, width, step):
         c1 = min(c0 + step, width)
-        chunk = w[:, c0:c1].clone()  # rank-1 updates are fast on a small dense tensor
-        _obs_columns(chunk, hinv[c0:c1, c0:c1], pruned[:, c0:c1], errors[:, c0:c1], nm)
-        w[:, c0:c1] = chunk
-        w[:, c1:].addmm_(errors[:, c0:c1], hinv[c0:c1, c1:], alpha=-1.0)
-    return w, errors, pruned
+        for i in range(c0, c1):
+            if nm is not None and i % nm[1] == 0:
+                group = slice(i, i + nm[1])
+                pruned[group] = _nm_group_mask(wt[group], d[group], nm)
+            err = errors[i]
+            torch.mul(wt[i], pruned[i], out=err).div_(d[i])
+            wt[i:c1].addr_(hinv[i, i:c1], err, alpha=-1.0)
+        wt[c1:].addmm_(hinv[c0:c1, c1:].T, errors[c0:c1], alpha=-1.0)
+    return errors
 
 
 def sparsegpt_prune(
@@ -218,18 +209,16 @@ def sparsegpt_reconstruct(
         )
     if nm is not None:  # N:M groups must not straddle two blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
-    w = weight.detach().to(torch.float32).clone()
-    total = prune_count(w.numel(), sparsity)
-    keep = torch.ones_like(w, dtype=torch.bool)
+    wt = weight.detach().to(torch.float32).T.contiguous()  # (in, out): columns as rows
+    total = prune_count(wt.numel(), sparsity)
+    pruned = torch.zeros_like(wt, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
         hinv = hinv_upper[start:end, start:end]
-        pruned = None
         if nm is None:
             count = round(total * end / cols) - round(total * start / cols)
-            pruned = _block_prune_mask(w[:, start:end], hinv.diagonal(), count)
-        block, errors, pruned = _obs_block(w[:, start:end].clone(), hinv, pruned, nm)
-        w[:, start:end] = block
-        w[:, end:].addmm_(errors, hinv_upper[start:end, end:], alpha=-1.0)
-        keep[:, start:end] = ~pruned
-    return w.masked_fill_(~keep, 0.0), keep
+            pruned[start:end] = _block_prune_mask(wt[start:end], hinv.diagonal(), count)
+        errors = _obs_block(wt[start:end], hinv, pruned[start:end], nm)
+        wt[end:].addmm_(hinv_upper[start:end, end:].T, errors, alpha=-1.0)
+    wt.masked_fill_(pruned, 0.0)
+    return wt.T.contiguous(), (~pruned).T.contiguous()

@@ -92,6 +92,14 @@ def single_process_run(steps: int = STEPS) -> dict[str, Any]:
     return {"masks": masks, "weights": weights, "squashed": squashed}
 
 
+def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Largest absolute difference over masks (as 0/1) and weights; 0.0 means identical."""
+    assert a["masks"].keys() == b["masks"].keys() and a["weights"].keys() == b["weights"].keys()
+    diffs = [(a["masks"][k] ^ b["masks"][k]).float().max() for k in a["masks"]]
+    diffs += [(a["weights"][k] - b["weights"][k]).abs().max() for k in a["weights"]]
+    return float(torch.stack(diffs).max())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

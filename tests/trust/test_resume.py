@@ -11,17 +11,10 @@ import pytest
 import torch
 
 import prunekit
+from tests.trust._helpers import max_difference
 from tests.trust._resume_worker import STEPS, build, checkpoint, result, run
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def max_difference(a: dict, b: dict) -> float:
-    """Largest absolute difference over masks (as 0/1) and weights; 0.0 means identical."""
-    assert a["masks"].keys() == b["masks"].keys() and a["weights"].keys() == b["weights"].keys()
-    diffs = [(a["masks"][k] ^ b["masks"][k]).float().max() for k in a["masks"]]
-    diffs += [(a["weights"][k] - b["weights"][k]).abs().max() for k in a["weights"]]
-    return float(torch.stack(diffs).max())
 
 
 @pytest.fixture

@@ -83,6 +83,9 @@ def remove_mask(holder: nn.Module, name: str, leave: bool, homes: list | None) -
     if homes is None or not is_dtensor(plist.original):
         parametrize.remove_parametrizations(holder, name, leave_parametrized=leave)
         return
+    if leave:  # bake the masked value into the sharded storage FSDP2 keeps
+        with torch.no_grad():
+            plist.original.copy_(getattr(holder, name))
     fsdp = sys.modules["torch.distributed.fsdp"]
     wrapper = type(holder) if isinstance(holder, fsdp.FSDPModule) else None
     if wrapper is not None:

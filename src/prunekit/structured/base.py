@@ -19,9 +19,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateDictError, StateError
+from prunekit.errors import (
+    ConfigError,
+    ConfigTypeError,
+    FqnError,
+    StateDictError,
+    StateError,
+    UnsupportedError,
+)
 from prunekit.fqn import resolve_tensor_fqn
-from prunekit.parametrization import module_contains_param
+from prunekit.parametrization import is_dtensor, module_contains_param
 from prunekit.sparsifier._loading import groups_to_load
 from prunekit.sparsifier.base import BaseSparsifier
 from prunekit.structured import ops
@@ -152,6 +159,7 @@ class BaseStructuredSparsifier(BaseSparsifier):
         model = getattr(self, "model", None)
         if model is None:
             raise StateError("prune: nothing to prune; call prepare(model, config) first")
+        _check_unsharded(model)
         plans = plan_prune(model, PatternIndex(self.patterns))
         for plan in plans:
             plan.apply()
@@ -209,6 +217,22 @@ class BaseStructuredSparsifier(BaseSparsifier):
             holder.copy_(mask)
             state[fqn]["mask"] = holder
         self.model, self.state, self.groups = model, state, groups
+
+
+def _check_unsharded(model: nn.Module) -> None:
+    """FSDP2 fixes every parameter's size when it wraps a module: refuse to shrink a
+    sharded model (before any change) and name the way through an unsharded copy."""
+    for fqn, param in model.named_parameters():
+        if is_dtensor(param):
+            raise UnsupportedError(
+                f"prune: parameter {fqn!r} is sharded (a DTensor with placements "
+                f"{tuple(param.placements)}) and FSDP2 cannot change its size in place; prune "
+                "an unsharded copy instead: load the full model state dict "
+                "(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))"
+                " into the model built and prepared with the same config, load "
+                "pruner.state_dict() into its pruner, call prune() there and fully_shard the "
+                "pruned model again"
+            )
 
 
 def _check_row_mask(i: int, fqn: str, mask: Any, tensor: torch.Tensor) -> None:

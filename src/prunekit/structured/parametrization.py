@@ -4,6 +4,9 @@
 adds the bias that ``prepare`` moved out of the module, masked the same way, so that a
 pruned channel of the masked model really outputs a constant. Unlike the reference the
 hook never writes into the stored ``_bias`` parameter: masking happens on the fly.
+
+Under FSDP2 the mask stays full (one entry per row of the whole tensor) on every rank;
+a sharded original read outside FSDP's forward is multiplied by this rank's part of it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError
+from prunekit.parametrization import _shard_like, is_dtensor
 
 __all__ = ["BiasHook", "FakeStructuredSparsity", "channel_dim"]
 
@@ -19,13 +23,15 @@ __all__ = ["BiasHook", "FakeStructuredSparsity", "channel_dim"]
 class FakeStructuredSparsity(nn.Module):
     """Multiply a tensor by a 1-D bool ``mask`` over its first dimension (its rows).
 
-    The mask is a buffer kept out of the model's ``state_dict`` (the pruner owns it);
-    pruners update it in place so every holder sees the change.
+    The mask is a buffer kept out of the model's ``state_dict`` (the pruner owns it), and
+    not persistent, so a prepared model loads its own ``state_dict`` strictly (the
+    reference's persistent buffer was missing from its own dict); pruners update it in
+    place so every holder sees the change.
     """
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("mask", mask)
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask
@@ -34,11 +40,10 @@ class FakeStructuredSparsity(nn.Module):
                 f"FakeStructuredSparsity: mask of shape {tuple(mask.shape)} must be 1-D with one "
                 f"entry per row of the tensor, which has shape {tuple(x.shape)}"
             )
-        return mask.reshape([-1] + [1] * (x.dim() - 1)) * x
-
-    def state_dict(self, *args, **kwargs):  # type: ignore[override]
-        """Masks are kept out of the model's state_dict (the pruner owns them)."""
-        return {}
+        rows = mask.reshape([-1] + [1] * (x.dim() - 1))
+        if is_dtensor(x) and not is_dtensor(mask):
+            rows = _shard_like(rows.expand(x.shape), x)  # any placement, no communication
+        return rows * x
 
 
 def channel_dim(module: nn.Module, output: torch.Tensor) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigKeyError, UnsupportedError
+from prunekit.masks import _dense
 from prunekit.sparsifier._checks import check_level
 from prunekit.structured.base import BaseStructuredSparsifier
 from prunekit.structured.shrink import structured_mask
@@ -23,7 +24,9 @@ __all__ = ["FPGMPruner", "LSTMSaliencyPruner", "SaliencyPruner"]
 
 
 def _row_l1(weight: torch.Tensor) -> torch.Tensor:
-    return weight.norm(dim=tuple(range(1, weight.dim())), p=1)
+    """L1 norm of every row. A weight sharded by FSDP2 is scored where it lies and only
+    the norms are gathered, so every rank ranks all rows alike."""
+    return _dense(weight.norm(dim=tuple(range(1, weight.dim())), p=1))
 
 
 class _LevelPruner(BaseStructuredSparsifier):

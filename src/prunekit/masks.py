@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from prunekit import _cpu_masks
+
 __all__ = [
     "as_matrix",
     "block_means",
@@ -121,8 +123,21 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(values, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(values, dtype=torch.bool)
-    threshold = _kth_smallest_(values.detach().flatten().clone(), k)
+    values = values.detach()
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        array = values.contiguous().numpy()
+        return torch.from_numpy(_cpu_masks.elementwise_lowest_k(array, k, None))
+    threshold = _kth_smallest_(values.flatten().clone(), k)
     return _select(values, k, threshold)
+
+
+def _blocks_to_prune(n_blocks: int, sparsity_level: float, clamp_blocks: bool) -> int:
+    """``round(sl * n_blocks)``; with ``clamp_blocks``, never all of them unless
+    ``sparsity_level >= 1``."""
+    k = round(sparsity_level * n_blocks)
+    if sparsity_level >= 1 or (not clamp_blocks and k >= n_blocks):
+        return n_blocks
+    return max(0, min(n_blocks - 1, k))
 
 
 def _pruned_blocks(
@@ -132,16 +147,12 @@ def _pruned_blocks(
     sparsity_level: float,
     clamp_blocks: bool = True,
 ) -> torch.Tensor:
-    """Tensor level: which blocks are chosen for pruning (``round(sl * n_blocks)`` of them;
-    with ``clamp_blocks``, never all of them unless ``sparsity_level >= 1``)."""
+    """Tensor level: which blocks are chosen for pruning (see ``_blocks_to_prune``)."""
     grid = (-(-matrix.shape[0] // block_shape[0]), -(-matrix.shape[1] // block_shape[1]))
     n_blocks = grid[0] * grid[1]
-    k = round(sparsity_level * n_blocks)
-    if sparsity_level >= 1 or (not clamp_blocks and k >= n_blocks):
-        return torch.ones(grid, dtype=torch.bool, device=matrix.device)
-    k = max(0, min(n_blocks - 1, k))
-    if k == 0:
-        return torch.zeros(grid, dtype=torch.bool, device=matrix.device)
+    k = _blocks_to_prune(n_blocks, sparsity_level, clamp_blocks)
+    if k in (0, n_blocks):
+        return torch.full(grid, k > 0, dtype=torch.bool, device=matrix.device)
     means = block_means(matrix, norm_fn, block_shape)
     shares_weight = means.untyped_storage().data_ptr() == matrix.untyped_storage().data_ptr()
     if block_shape[0] * block_shape[1] == 1 and not shares_weight:
@@ -152,6 +163,41 @@ def _pruned_blocks(
     else:
         threshold = _kth_smallest_(means.flatten().clone(), k)
     return _select(means, k, threshold)
+
+
+def _fast_keep(
+    matrix: torch.Tensor,
+    norm_fn: NormFn,
+    block_shape: tuple[int, int],
+    zeros: int,
+    sparsity_level: float,
+    clamp_blocks: bool,
+) -> torch.Tensor | None:
+    """``weight_norm_mask`` through the NumPy kernels (same result), or None where they
+    do not apply: another device, dtype or norm, or a width not a multiple of the block."""
+    norm = _cpu_masks.fast_norm(matrix, norm_fn, square)
+    bh, bw = block_shape
+    rows, cols = matrix.shape
+    if norm is None or rows % bh or cols % bw:
+        return None
+    k = _blocks_to_prune((rows // bh) * (cols // bw), sparsity_level, clamp_blocks)
+    array = matrix.numpy()
+    chosen = _cpu_masks.lowest_blocks(array, norm, block_shape, k)
+    if zeros == bh * bw:
+        return torch.from_numpy(_cpu_masks.keep_outside(chosen, block_shape))
+    if bh != 1 or bw > _NETWORK_MAX_BLOCK:
+        return None
+    network = _sorting_network(1 << (bw - 1).bit_length())
+    keep = _cpu_masks.lowest_in_row_blocks(
+        array,
+        norm,
+        bw,
+        zeros,
+        None if chosen.all() else chosen,
+        network,
+        lambda blocks: _lowest_by_network(blocks, zeros, False),
+    )
+    return torch.from_numpy(keep)
 
 
 def _expand_blocks(
@@ -283,6 +329,10 @@ def weight_norm_mask(
     if sparsity_level >= 1 and zeros == block_size:
         return torch.zeros_like(weight, dtype=torch.bool)
     matrix = as_matrix(weight.detach())
+    if not in_block_ties_first:
+        fast = _fast_keep(matrix, norm_fn, (bh, bw), zeros, sparsity_level, clamp_blocks)
+        if fast is not None:
+            return fast.view(weight.shape)
     pruned = _pruned_blocks(matrix, norm_fn, (bh, bw), sparsity_level, clamp_blocks)
     if zeros == block_size:
         return ~_expand_blocks(pruned, (bh, bw), matrix.shape).reshape(weight.shape)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from prunekit._cpu_masks import zero_masked_
 from prunekit.errors import ConfigError
 
 __all__ = ["FakeSparsity", "is_dtensor", "module_contains_param"]
@@ -104,7 +105,8 @@ class FakeSparsity(nn.Module):
         key = (_tensor_key(original), _tensor_key(mask), id(original))
         if key == self._applied_key:
             return  # nothing changed since the last time
-        original.masked_fill_(~mask, 0)
+        if not zero_masked_(original, mask):
+            original.masked_fill_(~mask, 0)
         self._applied_key = (_tensor_key(original), _tensor_key(mask), id(original))
 
     def state_dict(self, *args, **kwargs):  # type: ignore[override]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit._cpu_masks import copy_mask_
 from prunekit.errors import UnsupportedError
 from prunekit.masks import square, weight_norm_mask
 from prunekit.sparsifier._checks import check_block_shape, check_level, check_zeros_per_block
@@ -88,4 +89,4 @@ class WeightNormSparsifier(BaseSparsifier):
             zeros_per_block,
             self.norm_fn,
         )
-        mask.copy_(keep)
+        copy_mask_(mask, keep)

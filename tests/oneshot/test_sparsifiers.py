@@ -105,6 +105,38 @@ def test_statistics_add_up_and_are_freed(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_a_shared_statistic_prunes_like_its_own(cls):
+    torch.manual_seed(0)
+    model, x = nn.ModuleDict({"a": nn.Linear(16, 8), "b": nn.Linear(16, 12)}), correlated(64, 16)
+    own = {name: nn.Sequential(nn.Linear(16, layer.out_features)) for name, layer in model.items()}
+    for name, alone in own.items():
+        alone[0].load_state_dict(model[name].state_dict())
+        prune(cls, alone, x).squash_mask()
+    s = cls()
+    s.prepare(model, None)
+    with s.calibrate(["a.weight"]):
+        model["a"](x)
+    s.share_statistic("a.weight", ["b.weight"])
+    s.step()
+    s.squash_mask()
+    for name, alone in own.items():
+        torch.testing.assert_close(model[name].weight, alone[0].weight)
+
+
+def test_share_statistic_refuses_uncalibrated_and_mismatched_layers():
+    s = WandaSparsifier()
+    s.prepare(mlp(), None)
+    with pytest.raises(StateError, match=r"'0\.weight' has not been calibrated"):
+        s.share_statistic("0.weight", ["2.weight"])
+    with s.calibrate(["0.weight"]):
+        s.groups[0]["module"](torch.randn(4, 32))
+    with pytest.raises(ConfigError, match=r"'2\.weight' reads 16 inputs, '0\.weight' 32"):
+        s.share_statistic("0.weight", ["2.weight"])
+    with pytest.raises(FqnError, match="nope"):
+        s.share_statistic("0.weight", ["nope"])
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_sparsity_zero_leaves_the_weights(cls):
     model = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}

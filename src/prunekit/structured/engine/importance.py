@@ -3,6 +3,12 @@
 A criterion scores each entry of one member (a tensor dimension); the engine normalises
 every member's scores and averages them per coupled channel, so any criterion works on
 any group.
+
+The magnitude criteria (``l1``, ``l2``) score a channel by every weight it touches: the
+producer's rows, a norm layer's scale (gamma) and the consumers' input columns, each
+member normalised by its mean. Biases (conv/linear bias, norm beta) have no opinion: they
+shift a channel's output instead of scaling the signal it carries (and a bias before a
+BatchNorm is cancelled by it), as in Torch-Pruning's default group magnitude.
 """
 
 from __future__ import annotations
@@ -69,24 +75,36 @@ def _rows(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     return tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
 
 
-def _others(tensor: torch.Tensor, dim: int) -> tuple[int, ...]:
-    return tuple(d for d in range(tensor.dim()) if d != dim)
+def _is_bias(fqn: str) -> bool:
+    return fqn.rsplit(".", 1)[-1] == "bias"
+
+
+def _magnitude(fqn: str, tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor | None:
+    """The ``p``-norm of each entry's slice (a 1-D tensor: each entry's absolute value;
+    reducing over no dims would collapse it to one number); ``None`` for biases."""
+    if _is_bias(fqn):
+        return None
+    return torch.linalg.vector_norm(_rows(tensor, dim), ord=p, dim=1)
 
 
 @register_importance
 class L1(Importance):
     name = "l1"
 
-    def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        return tensor.detach().float().abs().sum(_others(tensor, dim))
+    def score(
+        self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
+    ) -> torch.Tensor | None:
+        return _magnitude(fqn, tensor, dim, 1)
 
 
 @register_importance
 class L2(Importance):
     name = "l2"
 
-    def score(self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        return torch.linalg.vector_norm(tensor.detach().float(), dim=_others(tensor, dim))
+    def score(
+        self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
+    ) -> torch.Tensor | None:
+        return _magnitude(fqn, tensor, dim, 2)
 
 
 @register_importance

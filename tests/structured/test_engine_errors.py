@@ -126,17 +126,19 @@ def test_apply_twice_or_on_a_changed_model_refuses_without_changing_it() -> None
         PrunePlan.from_dict(model, {"format": "other"})
 
 
-def test_hugging_face_bert_is_refused_naming_the_capture_and_the_reason() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=16,
-    )  # fmt: skip
-    model = transformers.BertModel(config).eval()
+def test_a_model_neither_fx_nor_export_can_capture_names_both_reasons() -> None:
+    """fx fails on the control flow, so torch.export is tried; it fails on the same
+    data-dependent branch, and the error says why each one gave up."""
+    model = DataDependent().train()
     before = snapshot(model)
-    with pytest.raises(CaptureError, match=r"torch.fx could not trace BertModel: \w+Error"):
-        prune(model, torch.randint(0, 50, (2, 6)), ratio=0.5)
+    with pytest.raises(
+        CaptureError,
+        match=r"torch.fx could not trace DataDependent: TraceError: .*; torch.export "
+        r"\(non-strict\) could not capture it either: \w+: .*control flow on tensor values",
+    ):
+        prune(model, torch.randn(2, 4), ratio=0.5)
     assert_unchanged(before, model)
+    assert model.training
 
 
 def test_an_ignored_untraceable_submodule_becomes_an_opaque_leaf() -> None:

@@ -147,7 +147,8 @@ def _make_plan(
     groups = [
         _summary(model, calls, channels, g, removed) for g in channels.groups if g.prunable.size
     ]
-    return PrunePlan(model, slices, groups, totals, settings, inexact)
+    sliced = {s.owner for s in slices}  # a norm whose width stays keeps its statistics
+    return PrunePlan(model, slices, groups, totals, settings, [f for f in inexact if f in sliced])
 
 
 def _summary(

@@ -1,8 +1,10 @@
 """Capture a model as an fx graph whose prunable layers stay whole, plus the shape of
-every value for the given example inputs."""
+every value for the given example inputs: torch.fx first, torch.export when fx fails."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -10,6 +12,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prunekit.errors import ConfigError
+from prunekit.structured.engine.exported import export_graph
 from prunekit.structured.engine.layers import layer_pruner
 
 __all__ = ["CaptureError", "capture"]
@@ -67,17 +70,14 @@ def capture(
 ) -> tuple[fx.Graph, dict[fx.Node, Any]]:
     """Trace ``model`` with torch.fx and record shapes; the model is left unchanged.
     Shapes come from one pass on fake tensors (no compute, no writes: BatchNorm
-    statistics are untouched); eval mode so that shapes match inference."""
+    statistics are untouched); eval mode so that shapes match inference. When fx cannot
+    follow the code (e.g. Hugging Face ``transformers`` models), the model is captured
+    with non-strict ``torch.export`` instead (:mod:`.exported`)."""
     try:
         graph = _LeafTracer(leaves).trace(model)
-    except Exception as exc:
-        raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}. "
-            "Symbolic tracing cannot follow Python control flow on tensor values nor "
-            "item assignment into traced tensors (torch.export capture is not supported "
-            "yet); make that code depend on shapes only, or move it into a leaf module "
-            "and list it in ignored_layers."
-        ) from exc
+    except Exception as fx_error:
+        with _eval(model):
+            return _export(model, example_inputs, leaves, fx_error)
     names = [n.target for n in graph.nodes if n.op == "placeholder"]
     if len(example_inputs) > len(names):
         raise CaptureError(
@@ -85,13 +85,41 @@ def capture(
             f"{len(names)} inputs {names} but got {len(example_inputs)}"
         )
     gm = fx.GraphModule(model, graph)
+    with _eval(model):
+        return graph, _record_shapes(gm, example_inputs)
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside, every module's own mode restored after."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        return graph, _record_shapes(gm, example_inputs)
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def _export(
+    model: nn.Module, example_inputs: tuple[Any, ...], leaves: frozenset[str], fx_error: Exception
+) -> tuple[fx.Graph, dict[fx.Node, Any]]:
+    """The torch.export path; when it fails too, the error names both reasons."""
+    try:
+        return export_graph(model, example_inputs, leaves)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.fx could not trace {type(model).__name__}: {type(fx_error).__name__}: "
+            f"{_first_line(fx_error)}; torch.export (non-strict) could not capture it either: "
+            f"{type(exc).__name__}: {_first_line(exc)}. Neither can follow Python control flow on "
+            "tensor values; make that code depend on shapes only, or move it into a leaf "
+            "module and list it in ignored_layers. If the example inputs are at fault, "
+            "pass inputs of the shape the model expects."
+        ) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
 
 
 def _record_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:

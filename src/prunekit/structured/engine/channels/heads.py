@@ -23,7 +23,11 @@ from prunekit.structured.engine.channels.shapes import follow_reshape, follow_sp
 from prunekit.structured.engine.channels.state import Tracked
 from prunekit.structured.engine.layers.conv import tie_blocks
 
-__all__ = ["expand", "matmul", "repeat_interleave", "reshape", "sdpa"]
+__all__ = ["SIZES_FROM_EXPORT", "expand", "matmul", "repeat_interleave", "reshape", "sdpa"]
+
+SIZES_FROM_EXPORT = "prunekit_sizes_from_export"
+"""Node meta flag: the sizes of this call are numbers torch.export wrote down, whether the
+model's code spelled them as literals or read them from shapes (it cannot tell)."""
 
 COUNT_ATTRS = (
     "num_heads", "heads", "n_heads", "n_head", "num_attention_heads", "num_key_value_heads",
@@ -40,24 +44,43 @@ def _literal_sizes(node: fx.Node) -> tuple[Any, ...]:
     return tuple(rest)
 
 
-def _sizes_ok(node: fx.Node, ctx: Propagation, dim: int, ids: np.ndarray) -> bool:
+def _sizes_ok(
+    node: fx.Node, ctx: Propagation, dim: int, ids: np.ndarray, splits: bool = False
+) -> bool:
     """False when the code spells the channel dim's size as a literal that no known
-    attribute of the calling module holds (it would break once the width changes)."""
+    attribute of the calling module holds (it would break once the width changes).
+    In an exported graph every size is a number: one that restates the size the input
+    already has is taken as read from a shape (were it a literal, the shrunk model would
+    fail on a size mismatch, save an ``expand`` of a width cut to 1); one that splits
+    channels into heads (``splits``) still needs -1 or a known attribute, since a wrong
+    head count would pass silently."""
     if node.target not in ("view", "reshape", "expand", torch.reshape):
         return True
     sizes = _literal_sizes(node)
     size = sizes[dim] if dim < len(sizes) else None
     if not isinstance(size, int) or isinstance(size, bool) or size == -1:
         return True
+    found = _count_attrs(node, ctx, [(size, ids)])
+    if not node.meta.get("nn_module_stack"):
+        return False
+    return found or (node.meta.get(SIZES_FROM_EXPORT, False) and not splits)
+
+
+def _count_attrs(node: fx.Node, ctx: Propagation, counts: list[tuple[int, np.ndarray]]) -> bool:
+    """Record the calling module's count attributes (``num_heads``, ``all_head_size``...)
+    that equal one of ``counts``, so that applying the plan updates them; ``True`` if any."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return False
     owner = list(stack.values())[-1][0]
     module = ctx.root.get_submodule(owner)
-    names = [n for n in COUNT_ATTRS if getattr(module, n, None) == size]
-    for name in names:
-        ctx.add_attr(owner, name, size, ids)
-    return bool(names)
+    found = False
+    for name in COUNT_ATTRS:
+        for value, ids in counts:
+            if getattr(module, name, None) == value:
+                ctx.add_attr(owner, name, value, ids)
+                found = True
+    return found
 
 
 def reshape(node: fx.Node, ctx: Propagation) -> Any:
@@ -74,9 +97,10 @@ def reshape(node: fx.Node, ctx: Propagation) -> Any:
         return unknown(node, ctx)
     dim, heads = split
     anchors = state.ids.reshape(heads, -1)[:, 0]
-    if not _sizes_ok(node, ctx, dim, anchors):
+    if not _sizes_ok(node, ctx, dim, anchors, splits=True):
         return unknown(node, ctx)
     tie_blocks(ctx, heads, state.ids)
+    _count_attrs(node, ctx, [(heads, anchors), (state.ids.size, state.ids)])
     return Tracked(dim, anchors)
 
 

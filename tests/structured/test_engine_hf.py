@@ -1,0 +1,196 @@
+"""Hugging Face ``transformers`` models (torch.fx cannot trace them: captured through
+torch.export) and nn.MultiheadAttention as cross-attention.
+
+Same bar as the zoo: ratio 0 changes nothing; at ratio > 0 the shrunk model equals the
+masked one within 1e-5 relative, heads go whole, it still trains and exports."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.structured.engine import CaptureError, prune
+from prunekit.structured.engine.exported import export_graph
+from tests.helpers import assert_unchanged, snapshot
+from tests.structured.zoo import masked_copy
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 50
+
+
+def _bert() -> nn.Module:
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers.BertModel(config)
+
+
+def _llama() -> nn.Module:
+    """Grouped-query attention: 4 query heads share 2 key/value heads."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        use_cache=False,
+    )  # fmt: skip
+    return transformers.LlamaModel(config)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"bert": _bert, "llama-gqa": _llama}
+
+
+def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return MODELS[name]().eval(), torch.randint(0, VOCAB, (2, 6))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    out = model(x)
+    return [t for t in out.values() if isinstance(t, torch.Tensor)]
+
+
+def _assert_close(got: list[torch.Tensor], expected: list[torch.Tensor], rtol: float) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape
+        assert ((g - e).abs().max() / e.abs().max().clamp_min(1e-6)).item() <= rtol
+
+
+def _attentions(model: nn.Module) -> list[nn.Module]:
+    return [m for n, m in model.named_modules() if n.endswith(("attention.self", "self_attn"))]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_capture_leaves_the_model_unchanged(name: str) -> None:
+    model, x = _build(name)
+    model.train()
+    before = snapshot(model)
+    graph, shapes = export_graph(model, (x,), frozenset())
+    assert_unchanged(before, model)
+    assert all(m.training for m in model.modules())
+    linears = {n.target for n in graph.nodes if n.op == "call_module"}
+    assert linears >= {f for f, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert all(shapes[n] is not None for n in graph.nodes if n.op == "call_module")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ratio_zero_changes_nothing(name: str) -> None:
+    model, x = _build(name)
+    with torch.no_grad():
+        expected = _outputs(model, x)
+    plan = prune(model, x, ratio=0.0)
+    assert plan.slices == [] and plan.attrs == []
+    plan.apply()
+    with torch.no_grad():
+        _assert_close(_outputs(model, x), expected, rtol=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shrunk_equals_masked_and_trains_and_exports(name: str) -> None:
+    model, x = _build(name)
+    plan = prune(model, x, ratio=0.5)
+    masked = masked_copy(model, plan)
+    fresh = torch.randint(0, VOCAB, x.shape)
+    with torch.no_grad():
+        expected = _outputs(masked, fresh)
+        plan.apply()
+        _assert_close(_outputs(model, fresh), expected, rtol=1e-5)
+    assert plan.totals["params_after"] < 0.75 * plan.totals["params_before"]
+    assert sum(p.numel() for p in model.parameters()) == plan.totals["params_after"]
+    model.train()
+    sum(t.pow(2).mean() for t in _outputs(model, x)).backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    model.eval()
+    exported = torch.export.export(model, (x,), strict=False)
+    _assert_close(_outputs_of(exported.module()(x)), _outputs(model, x), rtol=1e-6)
+
+
+def _outputs_of(out: Any) -> list[torch.Tensor]:
+    values = out.values() if hasattr(out, "values") else out
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
+def test_bert_heads_go_whole_and_attention_attributes_follow() -> None:
+    model, x = _build("bert")
+    prune(model, x, ratio=0.5).apply()
+    for attn in _attentions(model):
+        assert (attn.num_attention_heads, attn.attention_head_size) == (2, 16)
+        assert attn.all_head_size == attn.query.out_features == attn.value.out_features == 32
+    assert model.encoder.layer[0].intermediate.dense.out_features == 64
+    assert model.config.hidden_size == model.encoder.layer[1].output.dense.out_features == 64
+
+
+def test_llama_prunes_whole_key_value_groups() -> None:
+    """Removing a key/value head removes the query heads that read it."""
+    model, x = _build("llama-gqa")
+    prune(model, x, ratio=0.5).apply()
+    for attn in _attentions(model):
+        assert attn.q_proj.out_features == 2 * attn.head_dim
+        assert attn.k_proj.out_features == attn.v_proj.out_features == attn.head_dim
+        assert attn.o_proj.in_features == attn.q_proj.out_features
+    assert model.layers[0].mlp.gate_proj.out_features == model.layers[0].mlp.up_proj.out_features
+
+
+def test_wrong_inputs_to_an_exported_model_name_both_captures() -> None:
+    model, _ = _build("bert")
+    before = snapshot(model)
+    with pytest.raises(
+        CaptureError,
+        match=r"torch.fx could not trace BertModel: \w+: .*; torch.export \(non-strict\) "
+        r"could not capture it either: \w+: .*pass inputs of the shape the model expects",
+    ):
+        prune(model, torch.randn(2, 6, 3), ratio=0.5)
+    assert_unchanged(before, model)
+
+
+def test_ignored_layer_in_an_exported_model_keeps_its_heads() -> None:
+    model, x = _build("bert")
+    prune(model, x, ratio=0.5, ignored_layers=["encoder.layer.0.attention.self.key"]).apply()
+    first, second = _attentions(model)
+    assert first.key.out_features == first.query.out_features == 64
+    assert first.num_attention_heads == 4
+    assert second.query.out_features == 32
+
+
+class CrossAttention(nn.Module):
+    """Decoder-style block: queries from ``x``, keys/values from an encoded memory with
+    its own width (kdim = vdim = 12 != embed_dim = 16)."""
+
+    def __init__(self, kdim: int = 12) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 16)
+        self.memory = nn.Sequential(nn.Linear(6, kdim), nn.ReLU())
+        self.attn = nn.MultiheadAttention(16, 4, kdim=kdim, vdim=kdim, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        q, kv = self.q(x), self.memory(memory)
+        a, _ = self.attn(q, kv, kv)
+        return self.out(a + q)
+
+
+@pytest.mark.parametrize("kdim", [12, 16])
+def test_multihead_cross_attention_shrinks_exactly(kdim: int) -> None:
+    """kdim 12: separate k/v projections, the memory's channels prune on their own;
+    kdim 16: the packed projection ties the memory's channels to the query's."""
+    torch.manual_seed(0)
+    model = CrossAttention(kdim).eval()
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 7, 6)
+    plan = prune(model, (x, memory), ratio=0.5)
+    masked = masked_copy(model, plan)
+    fresh = (torch.randn_like(x), torch.randn_like(memory))
+    with torch.no_grad():
+        expected = masked(*fresh)
+        plan.apply()
+        _assert_close([model(*fresh)], [expected], rtol=1e-5)
+    attn = model.attn
+    assert (attn.embed_dim, attn.head_dim, model.q.out_features) == (8, 2, 8)
+    assert attn.kdim == attn.vdim == model.memory[0].out_features == (6 if kdim == 12 else 8)
+    exported = torch.export.export(copy.deepcopy(model), fresh)
+    torch.testing.assert_close(exported.module()(*fresh), model(*fresh))

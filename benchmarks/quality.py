@@ -5,8 +5,9 @@ here on the CPU. Unstructured: gradual pruning to 80/90/95% with a cubic schedul
 same training budget for prunekit (``GlobalSparsifier``, LAMP), torch.ao.pruning
 (``WeightNormSparsifier`` + ``CubicSL``) and global magnitude
 (``torch.nn.utils.prune.global_unstructured`` at the same schedule). Structured:
-30/50/70% of the channels, then one short fine-tune, prunekit's engine vs Torch-Pruning
-with the same (L2, mean-normalised) importance.
+30/50/70% of the channels, then one short fine-tune (the same recipe for every method),
+prunekit's engine vs Torch-Pruning with the same (group L2) importance, over several
+fine-tune seeds (batch orders): every seed's accuracy is reported, with mean and std.
 
     python -m benchmarks.quality [--quick]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,9 +31,10 @@ from benchmarks.quality_data import EpochLoader, load
 from prunekit.structured.engine import prune as structured_prune
 
 FULL = {"dense_epochs": 4, "prune_epochs": 2, "finetune_epochs": 1, "batch": 128,
-        "prune_every": 25, "widths": (16, 32), "hidden": 128}
+        "prune_every": 25, "widths": (16, 32), "hidden": 128, "seeds": (0, 1, 2)}
 QUICK = {"dense_epochs": 1, "prune_epochs": 1, "finetune_epochs": 1, "batch": 50,
-         "prune_every": 2, "widths": (8, 16), "hidden": 32}
+         "prune_every": 2, "widths": (8, 16), "hidden": 32, "seeds": (0, 1)}
+FINETUNE_LR, LABEL_SMOOTHING = 2e-3, 0.1
 UNSTRUCTURED = (0.8, 0.9, 0.95)
 CHANNELS = (0.3, 0.5, 0.7)
 
@@ -178,6 +181,19 @@ def shrink_torch_pruning(model: nn.Module, ratio: float, example: torch.Tensor) 
     pruner.step()
 
 
+def finetune_shrunk(model: nn.Module, loader: EpochLoader, epochs: int,
+                    teacher: nn.Module | None) -> None:
+    """The one fine-tune recipe every structured method gets: Adam, learning rate
+    annealed to zero along a cosine over the run, label smoothing (distillation's own loss
+    when a teacher is given)."""
+    opt = torch.optim.Adam(model.parameters(), lr=FINETUNE_LR)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+    prunekit.finetune(model, loader, epochs=epochs, optimizer=opt, lr_scheduler=sched,
+                      loss_fn=lambda out, y: F.cross_entropy(out, y,
+                                                             label_smoothing=LABEL_SMOOTHING),
+                      teacher=teacher)
+
+
 UNSTRUCTURED_METHODS = {
     "prunekit GlobalSparsifier (LAMP)": run_prunekit,
     "torch.ao WeightNorm + CubicSL (Linear only)": run_torch_ao,
@@ -191,8 +207,23 @@ def _row(kind: str, level: float, method: str, model: nn.Module, data: dict, sta
     return {"kind": kind, "level": level, "method": method,
             "acc_after_prune": "" if pruned_acc is None else round(pruned_acc, 2),
             "accuracy": round(acc, 2), "vs_dense": round(acc - dense_acc, 2),
+            "std": "", "per_seed": "",
             "weight_zeros": round(zero_fraction(model), 3), "params": params(model),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _seed_row(ratio: float, method: str, runs: list[dict[str, Any]],
+              dense_acc: float) -> dict[str, Any]:
+    """One row per method and level: the mean over seeds, their std and every seed."""
+    accs = [r["accuracy"] for r in runs]
+    mean = statistics.fmean(accs)
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return {"kind": "channels", "level": ratio, "method": method,
+            "acc_after_prune": runs[0]["acc_after_prune"], "accuracy": round(mean, 2),
+            "vs_dense": round(mean - dense_acc, 2), "std": f"{std:.2f}",
+            "per_seed": " / ".join(f"{a:.2f}" for a in accs), "weight_zeros": 0.0,
+            "params": runs[0]["params"],
+            "seconds": round(sum(r["seconds"] for r in runs) / len(runs), 1)}
 
 
 def unstructured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
@@ -215,7 +246,6 @@ def unstructured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
 
 def structured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
                rows: list[dict], save: Callable[[], None]) -> None:
-    loader = EpochLoader(data["x_train"], data["y_train"], cfg["batch"], seed=2)
     example = data["x_train"][:2]
     methods = {
         "prunekit engine (L2)": lambda m, r: shrink_prunekit(m, r, example, "l2"),
@@ -226,14 +256,18 @@ def structured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
     }
     for ratio in CHANNELS:
         for method, shrink in methods.items():
-            start, model = time.perf_counter(), copy.deepcopy(dense)
-            loader.passes = 0
-            shrink(model, ratio)
-            pruned = accuracy(model, data["x_test"], data["y_test"])
-            teacher = dense if "distillation" in method else None
-            prunekit.finetune(model, loader, epochs=cfg["finetune_epochs"], lr=5e-4,
-                              teacher=teacher)
-            rows.append(_row("channels", ratio, method, model, data, start, pruned, dense_acc))
+            runs = []
+            for seed in cfg["seeds"]:  # the seed picks the fine-tune's batch order
+                loader = EpochLoader(data["x_train"], data["y_train"], cfg["batch"], 2 + seed)
+                start, model = time.perf_counter(), copy.deepcopy(dense)
+                shrink(model, ratio)
+                pruned = accuracy(model, data["x_test"], data["y_test"])
+                teacher = dense if "distillation" in method else None
+                finetune_shrunk(model, loader, cfg["finetune_epochs"], teacher)
+                runs.append(_row("channels", ratio, method, model, data, start, pruned,
+                                 dense_acc))
+                print(method, ratio, seed, runs[-1]["accuracy"], flush=True)
+            rows.append(_seed_row(ratio, method, runs, dense_acc))
             save()
 
 
@@ -248,9 +282,10 @@ def plot(rows: list[dict], dense_acc: float, path: Any) -> None:
                             (axes[1], "channels", "channels (+ one fine-tune epoch)")):
         methods = dict.fromkeys(r["method"] for r in rows if r["kind"] == kind and r["level"])
         for method in methods:
-            pts = [(r["level"], r["accuracy"]) for r in rows
+            pts = [(r["level"], r["accuracy"], float(r["std"] or 0)) for r in rows
                    if r["kind"] == kind and r["method"] == method]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+            levels, accs, stds = zip(*pts, strict=True)
+            ax.errorbar(levels, accs, yerr=stds, marker="o", capsize=3, label=method)
         ax.axhline(dense_acc, color="grey", linestyle="--", label="dense")
         ax.set_xlabel("sparsity" if kind == "unstructured" else "fraction of channels removed")
         ax.set_ylabel("test accuracy (%)")
@@ -272,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                       epochs=cfg["dense_epochs"], lr=1e-3)
     dense_acc = accuracy(dense, data["x_test"], data["y_test"])
     rows = [{"kind": "dense", "level": 0.0, "method": "dense CNN", "acc_after_prune": "",
-             "accuracy": round(dense_acc, 2), "vs_dense": 0.0,
+             "accuracy": round(dense_acc, 2), "vs_dense": 0.0, "std": "", "per_seed": "",
              "weight_zeros": round(zero_fraction(dense), 3), "params": params(dense),
              "seconds": round(time.perf_counter() - start, 1)}]
     notes = (f"{name}: {len(data['y_train'])} train / {len(data['y_test'])} test images. "
@@ -280,9 +315,13 @@ def main(argv: list[str] | None = None) -> None:
              f"(Adam 1e-3). Unstructured: {cfg['prune_epochs']} epochs SGD(0.01, momentum 0.9, "
              f"wd 1e-4, linear decay), cubic schedule over the first 60% of steps, a prune "
              f"event every {cfg['prune_every']} steps. Channels: prune, then "
-             f"{cfg['finetune_epochs']} epoch Adam 5e-4 (distillation: alpha 0.5, T 4, from the "
-             "dense model). vs_dense = accuracy - dense accuracy "
-             f"(points). {args.threads} thread(s).")
+             f"{cfg['finetune_epochs']} epoch Adam {FINETUNE_LR:g} with a cosine decay to 0 "
+             f"and label smoothing {LABEL_SMOOTHING:g}, the same for every method "
+             "(distillation: alpha 0.5, T 4, from the dense model, in place of label "
+             f"smoothing), repeated for fine-tune seeds {cfg['seeds']} (batch orders; the "
+             "dense model and the pruned channels are the same for every seed): accuracy "
+             "is their mean, std their sample standard deviation, per_seed every run. "
+             f"vs_dense = accuracy - dense accuracy (points). {args.threads} thread(s).")
 
     def save() -> None:
         print(rows[-1], flush=True)

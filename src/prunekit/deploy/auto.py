@@ -6,6 +6,7 @@ deployed by ``auto`` is never slower than it was (up to timing noise).
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,30 +49,40 @@ def capture_inputs(
     return seen
 
 
-def _timed(fn: Callable[[], Any], cuda: bool) -> float:
+def _timed(fn: Callable[[], Any], calls: int, cuda: bool) -> float:
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
 
 
 def time_candidates(
-    candidates: dict[str, nn.Module], x: torch.Tensor, budget_s: float = 0.05, max_repeats: int = 30
+    candidates: dict[str, nn.Module],
+    x: torch.Tensor,
+    budget_s: float = 0.05,
+    sample_s: float = 0.004,
+    min_samples: int = 5,
 ) -> dict[str, float]:
-    """Fastest of the repeated timings of each candidate on ``x``, in milliseconds. Runs
-    are interleaved so load drift hits all alike, and the minimum is kept because a busy
-    machine only ever adds time; repeats are sized to ``budget_s`` per candidate (>= 5)."""
+    """Median milliseconds per call of each candidate on ``x``.
+
+    Each sample runs the candidate back to back for about ``sample_s`` (as it runs in a
+    model: its weights stay in cache, and a layer taking microseconds is not timed below
+    the clock's noise); samples are interleaved so load drift hits all candidates alike,
+    and their number is sized to ``budget_s`` per candidate (at least ``min_samples``).
+    """
     cuda = x.is_cuda
     calls = {name: (lambda m=m: m(x)) for name, m in candidates.items()}
     with torch.inference_mode():
-        first = {name: max(_timed(fn, cuda), _timed(fn, cuda)) for name, fn in calls.items()}
-        repeats = int(min(max_repeats, max(5, budget_s / max(max(first.values()), 1e-6))))
+        once = {name: max(_timed(fn, 1, cuda), _timed(fn, 1, cuda)) for name, fn in calls.items()}
+        inner = max(1, int(sample_s / max(max(once.values()), 1e-7)))
+        samples = max(min_samples, int(budget_s / (inner * max(once.values()) + 1e-9)))
         times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(repeats):
+        for _ in range(samples):
             for name, fn in calls.items():
-                times[name].append(_timed(fn, cuda))
-    return {name: 1e3 * min(ts) for name, ts in times.items()}
+                times[name].append(_timed(fn, inner, cuda))
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def choose(times_ms: dict[str, float], margin: float) -> tuple[str, str]:

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from prunekit.structured.engine import CaptureError, prune
+from prunekit.structured.engine import capture as capture_module
 from prunekit.structured.engine.exported import export_graph
 from tests.helpers import assert_unchanged, snapshot
-from tests.structured.zoo import masked_copy
+from tests.structured.zoo import masked_copy, small_zoo
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,6 +157,24 @@ def test_ignored_layer_in_an_exported_model_keeps_its_heads() -> None:
     assert first.key.out_features == first.query.out_features == 64
     assert first.num_attention_heads == 4
     assert second.query.out_features == 32
+
+
+@pytest.mark.parametrize("name", sorted(set(small_zoo()) - {"resnet18"}))  # resnet50: same parts
+def test_export_capture_plans_the_zoo_as_fx_does(name: str, monkeypatch: Any) -> None:
+    """The torch.export path, forced on models fx can trace, yields the same plan."""
+    make_model, make_input = small_zoo()[name]
+    torch.manual_seed(0)
+    model, x = make_model().eval(), make_input()
+    by_fx = prune(model, x, ratio=0.5)
+
+    def refuse(*args: Any) -> None:
+        raise RuntimeError("fx disabled for this test")
+
+    monkeypatch.setattr(capture_module._LeafTracer, "trace", refuse)
+    by_export = prune(model, x, ratio=0.5)
+    assert by_export.slices == by_fx.slices
+    assert by_export.attrs == by_fx.attrs
+    assert by_export.totals == by_fx.totals
 
 
 class CrossAttention(nn.Module):

@@ -52,6 +52,8 @@ _RENAMED: dict[Any, Any] = {
     aten.adaptive_avg_pool2d: F.adaptive_avg_pool2d,
     aten.adaptive_avg_pool3d: F.adaptive_avg_pool3d,
     aten.avg_pool1d: F.avg_pool1d, aten.avg_pool2d: F.avg_pool2d, aten.avg_pool3d: F.avg_pool3d,
+    aten.max_pool1d: F.max_pool1d, aten.max_pool2d: F.max_pool2d, aten.max_pool3d: F.max_pool3d,
+    aten.upsample_nearest2d: F.interpolate, aten.upsample_bilinear2d: F.interpolate,
 }  # fmt: skip
 
 _DROPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}

@@ -12,12 +12,13 @@ runs for real and the model is left unchanged.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
 
 from prunekit.structured.engine.aten import translate
@@ -44,9 +45,11 @@ def export_graph(
     """Export ``model`` (already in the mode wanted) and rewrite its graph; export errors
     propagate to the caller, which names them."""
     fqns = leaf_fqns(model, leaves)
-    program = torch.export.export(
-        model, example_inputs, strict=False, preserve_module_call_signature=tuple(fqns)
-    )
+    with warnings.catch_warnings():  # RNNs re-assign their weight list while traced
+        warnings.filterwarnings("ignore", message=".*were assigned during export")
+        program = torch.export.export(
+            model, example_inputs, strict=False, preserve_module_call_signature=tuple(fqns)
+        )
     return _Rewriter(model, program, frozenset(fqns)).run()
 
 
@@ -81,6 +84,7 @@ class _Rewriter:
         self.shapes: dict[fx.Node, Any] = {}
         self.calls = {e.fqn: e.signature for e in program.module_call_graph if e.signature}
         self.done: set[str] = set()
+        self.inputs = {s.arg.name: s for s in program.graph_signature.input_specs}
 
     def run(self) -> tuple[fx.Graph, dict[fx.Node, Any]]:
         old = self.program.graph_module.graph
@@ -97,7 +101,7 @@ class _Rewriter:
         return self.graph, self.shapes
 
     def _placeholder(self, node: fx.Node) -> None:
-        spec = next(s for s in self.program.graph_signature.input_specs if s.arg.name == node.name)
+        spec = self.inputs[node.name]
         if spec.kind == InputKind.USER_INPUT:
             self._emit(node, "placeholder", node.name, (), {})
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
@@ -136,7 +140,8 @@ class _Rewriter:
         node = self.graph.call_module(call.partition("@")[0], tuple(args), dict(kwargs))
         vals = [self._val(s) for s in sig.outputs]
         self.shapes[node] = _shape_of(pytree.tree_unflatten(vals, sig.out_spec))
-        names = pytree.tree_unflatten([getattr(s, "name", None) for s in sig.outputs], sig.out_spec)
+        flat = [s.name if isinstance(s, TensorArgument) else None for s in sig.outputs]
+        names = pytree.tree_unflatten(flat, sig.out_spec)
         self._unpack(node, names)
 
     def _unpack(self, node: fx.Node, names: Any) -> None:
@@ -149,12 +154,15 @@ class _Rewriter:
                 self._unpack(part, item)
 
     def _spec(self, spec: Any) -> Any:
-        name = getattr(spec, "name", None)
-        return self._arg(self.by_name[name]) if name in self.by_name else spec.value
+        """An argument of a preserved call: the new node of a tensor, else its value."""
+        if isinstance(spec, TensorArgument):
+            return self._arg(self.by_name[spec.name])
+        return getattr(spec, "value", None)
 
     def _val(self, spec: Any) -> Any:
-        name = getattr(spec, "name", None)
-        return self.by_name[name].meta.get("val") if name in self.by_name else spec.value
+        if isinstance(spec, TensorArgument):
+            return self.by_name[spec.name].meta.get("val")
+        return getattr(spec, "value", None)
 
     def shapes_of(self, value: Any) -> Any:
         """Shape(s) of an old node's value, for the op translations."""

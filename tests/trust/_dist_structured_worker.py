@@ -10,7 +10,6 @@ and finishes the schedule. Each writes tensors, str and bool only to
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from tests.trust._helpers import (
     make_scheduler,
     make_sparsifier,
     model_snapshot,
+    run_in_group,
     tiny_model,
     train,
 )
@@ -56,8 +56,15 @@ def structured_model(dtype: torch.dtype = torch.float64) -> nn.Sequential:
     return model
 
 
-def make_pruner(model: nn.Module) -> prunekit.structured.SaliencyPruner:
-    pruner = prunekit.structured.SaliencyPruner({"sparsity_level": 0.5})
+PRUNERS: dict[str, Callable[[], Any]] = {
+    "saliency": lambda: prunekit.structured.SaliencyPruner({"sparsity_level": 0.5}),
+    "fpgm": lambda: prunekit.structured.FPGMPruner(0.5),
+}
+
+
+def make_pruner(model: nn.Module, name: str = "saliency") -> Any:
+    """A structured pruner (``PRUNERS[name]``) on the hidden layer, gradually to 50%."""
+    pruner = PRUNERS[name]()
     pruner.prepare(model, [{"tensor_fqn": "0.weight"}])
     return pruner
 
@@ -86,12 +93,14 @@ class _Recorder:
         self.history.append(self.mask.clone())
 
 
-def structured_run(shard_fn: Callable[[nn.Sequential], Any] = lambda m: m) -> dict[str, Any]:
-    """SaliencyPruner + CubicSL on ``structured_model`` (sharded by ``shard_fn`` after
+def structured_run(
+    shard_fn: Callable[[nn.Sequential], Any] = lambda m: m, name: str = "saliency"
+) -> dict[str, Any]:
+    """A structured pruner + CubicSL on ``structured_model`` (sharded by ``shard_fn`` after
     prepare), on this rank's rows when distributed; the row mask after every step."""
     distributed = dist.is_initialized()
     model = structured_model()
-    pruner = make_pruner(model)
+    pruner = make_pruner(model, name)
     shard_fn(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     recorder = _Recorder(make_scheduler(pruner), pruner.state["0.weight"]["mask"])
@@ -144,6 +153,7 @@ def _fsdp_structured() -> dict[str, Any]:
     original = model[0].parametrizations.weight.original
     return {
         "history": run["history"],
+        "fpgm_history": structured_run(shard, "fpgm")["history"],
         "original_is_dtensor": is_dtensor(original),
         "local_rows": torch.tensor(original.to_local().shape[0]),
         "mask_rows": torch.tensor(pruner.state["0.weight"]["mask"].shape[0]),
@@ -222,17 +232,6 @@ def _resume_second_half(outdir: Path) -> dict[str, Any]:
     return results
 
 
-def _in_group(rank: int, world: int, port: int, body: Callable[[], dict], out: Path) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        torch.save(body(), out)
-    finally:
-        dist.destroy_process_group()
-
-
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     """First spawn: FSDP2 structured mask phase, then the resume check's first half."""
     out = Path(outdir)
@@ -240,10 +239,10 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
     def body() -> dict[str, Any]:
         return {"fsdp2_structured": _fsdp_structured(), "resume": _resume_first_half(out)}
 
-    _in_group(rank, world, port, body, out / f"first{rank}.pt")
+    run_in_group(rank, world, port, body, out / f"first{rank}.pt")
 
 
 def resume_worker(rank: int, world: int, port: int, outdir: str) -> None:
     """Second spawn (new processes): load the checkpoints and finish the schedules."""
     out = Path(outdir)
-    _in_group(rank, world, port, lambda: _resume_second_half(out), out / f"resumed{rank}.pt")
+    run_in_group(rank, world, port, lambda: _resume_second_half(out), out / f"resumed{rank}.pt")

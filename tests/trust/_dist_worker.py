@@ -8,12 +8,10 @@ before fully_shard), then writes what the test compares to ``<outdir>/rank<r>.pt
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -30,6 +28,7 @@ from tests.trust._helpers import (
     make_structured_pruner,
     masks_of,
     model_snapshot,
+    run_in_group,
     structured_result,
     tiny_model,
     train,
@@ -165,17 +164,13 @@ def _fsdp_run(rank: int, world: int, root_only: bool = False) -> dict[str, Any]:
 
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
     """Entry point of ``torch.multiprocessing.spawn``: all scenarios, one process group."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        result = {
+
+    def body() -> dict[str, Any]:
+        return {
             "ddp": _ddp_run(rank, world),
             "ddp_structured": _ddp_structured_run(rank, world),
             "fsdp2": _fsdp_run(rank, world),
             "fsdp2_root_eval": _fsdp_run(rank, world, root_only=True),
         }
-        torch.save(result, Path(outdir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+
+    run_in_group(rank, world, port, body, Path(outdir) / f"rank{rank}.pt")

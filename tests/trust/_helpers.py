@@ -4,10 +4,15 @@ goes through, so their results can be compared bit for bit."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -98,6 +103,27 @@ def max_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
     diffs = [(a["masks"][k] ^ b["masks"][k]).float().max() for k in a["masks"]]
     diffs += [(a["weights"][k] - b["weights"][k]).abs().max() for k in a["weights"]]
     return float(torch.stack(diffs).max())
+
+
+def run_in_group(rank: int, world: int, port: int, body: Callable[[], Any], out: Path) -> None:
+    """In a spawned process: run ``body`` in a gloo process group of ``world`` ranks and
+    save what it returns to ``out``.
+
+    Then leave without the interpreter's teardown: gloo's worker threads can outlive it
+    and abort the finished process (SIGABRT, "terminate called without an active
+    exception", seen now and then under pytest), which would fail the spawn.
+    """
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.save(body(), out)
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

@@ -74,6 +74,16 @@ def test_row_masks_at_every_step_match_across_ranks_and_single_process(
         assert torch.equal(rank["history"], expected)
 
 
+def test_fpgm_row_masks_match_across_ranks_and_single_process(outputs: dict) -> None:
+    """FPGM compares every row with every other: each rank scores the gathered weight."""
+    from tests.trust._dist_structured_worker import structured_run
+
+    expected = structured_run(name="fpgm")["history"]
+    assert int((~expected[-1]).sum()) == 3
+    for rank in _structured(outputs):
+        assert torch.equal(rank["fpgm_history"], expected)
+
+
 def test_masks_sit_on_sharded_parameters(outputs: dict) -> None:
     for rank in _structured(outputs):
         assert rank["original_is_dtensor"]
@@ -132,3 +142,15 @@ def test_dcp_resume_in_new_processes_is_bit_identical(outputs: dict, kind: str) 
         assert float(whole["level"]) == final
         assert max_difference(saved, whole) > 0  # the comparison can fail
         assert max_difference(resumed[kind], whole) == 0.0
+
+
+def test_prepared_model_loads_its_own_state_dict_strictly() -> None:
+    """DCP's set_state_dict loads strictly: the row masks belong to the pruner and are not
+    expected in the model's state_dict (the reference's persistent buffer was)."""
+    from tests.trust._dist_structured_worker import make_pruner, structured_model
+
+    model = structured_model()
+    make_pruner(model)
+    state = model.state_dict()
+    assert sorted(state) == ["0._bias", "0.parametrizations.weight.original", "2.bias", "2.weight"]
+    model.load_state_dict(state)  # strict

@@ -68,7 +68,7 @@ def _squashable(module: nn.Module, plist: nn.Module, homes: list | None) -> bool
     record that owns the parameter alone (not tied to other modules)."""
     mask = getattr(plist[0], "mask", None) if len(plist) == 1 else None
     if homes is None or mask is None or mask.dtype != torch.bool:
-        return False  # only a bool mask is already baked into the original by apply_
+        return False  # bool masks only (FakeSparsity, FakeStructuredSparsity)
     fsdp = sys.modules["torch.distributed.fsdp"]
     bases = type(module).__bases__
     if isinstance(module, fsdp.FSDPModule) and (len(bases) != 2 or bases[0] is not fsdp.FSDPModule):

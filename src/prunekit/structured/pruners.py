@@ -153,7 +153,7 @@ class FPGMPruner(_LevelPruner):
         elif sparsity_level >= 1:
             mask.fill_(False)
         else:
-            weight = getattr(module, tensor_name)
+            weight = _dense(getattr(module, tensor_name))  # all rows, on every rank
             count = min(max(round(sparsity_level * weight.shape[0]), 0), weight.shape[0])
             closest = self._compute_distance(weight).topk(count, largest=False).indices
             mask[closest] = False

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunekit.structured.engine import CaptureError, prune
 from prunekit.structured.engine import capture as capture_module
 from prunekit.structured.engine.exported import export_graph
 from tests.helpers import assert_unchanged, snapshot
-from tests.structured.zoo import masked_copy, small_zoo
+from tests.structured.zoo import check_equivalent, masked_copy, small_zoo
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +44,20 @@ def _llama() -> nn.Module:
     return transformers.LlamaModel(config)
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"bert": _bert, "llama-gqa": _llama}
+def _t5_encoder() -> nn.Module:
+    """Relative position bias: an Embedding with one column per head, shared by the
+    layers and fed to attention as its mask."""
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+    )  # fmt: skip
+    return transformers.T5EncoderModel(config)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "bert": _bert,
+    "llama-gqa": _llama,
+    "t5-encoder": _t5_encoder,
+}
 
 
 def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -175,6 +189,28 @@ def test_export_capture_plans_the_zoo_as_fx_does(name: str, monkeypatch: Any) ->
     assert by_export.slices == by_fx.slices
     assert by_export.attrs == by_fx.attrs
     assert by_export.totals == by_fx.totals
+
+
+class BiasedAttention(nn.Module):
+    """Self-attention with a learned per-head bias passed as ``attn_mask``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(1, 4, 5, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.o(a.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_attention_mask_with_a_head_dim_is_pruned_with_the_heads() -> None:
+    torch.manual_seed(0)
+    model = BiasedAttention()
+    check_equivalent(model, torch.randn(2, 5, 16), ratio=0.5)
+    assert model.bias.shape == (1, 2, 5, 5) and model.q.out_features == 8
 
 
 class CrossAttention(nn.Module):

@@ -22,12 +22,14 @@ def _shape(module: nn.Module, owner: str, name: str, sizes: Sizes) -> tuple[int,
 
 
 def count_params(model: nn.Module, sizes: Sizes) -> int:
-    """Parameters of ``model`` if its tensors had the shapes in ``sizes``."""
-    total = 0
+    """Parameters of ``model`` if its tensors had the shapes in ``sizes``; a parameter
+    shared by several modules (tied embeddings) counts once."""
+    shapes: dict[int, tuple[int, ...]] = {}
     for owner, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            total += math.prod(sizes.get((owner, name), tuple(p.shape)))
-    return total
+            if (owner, name) in sizes or id(p) not in shapes:
+                shapes[id(p)] = tuple(sizes.get((owner, name), p.shape))
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def count_macs(model: nn.Module, calls: list[tuple[str, Any]], sizes: Sizes) -> int:

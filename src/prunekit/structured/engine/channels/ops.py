@@ -66,6 +66,17 @@ def _elementwise(node: fx.Node, ctx: Propagation) -> Any:
     return unknown(node, ctx)
 
 
+def _attention(node: fx.Node, ctx: Propagation) -> Any:
+    """``scaled_dot_product_attention``: heads of q, k, v (:func:`heads.sdpa`), and an
+    ``attn_mask`` (e.g. a per-head position bias) broadcast against the scores' heads."""
+    out = heads.sdpa(node, ctx)
+    mask = arg(node, 3, "attn_mask", None)
+    if not isinstance(out, Tracked) or mask is None:
+        return out
+    ok = _resolve(ctx, mask, out.dim, len(ctx.shape(node)), out.ids)
+    return out if ok else unknown(node, ctx)
+
+
 def _cat(node: fx.Node, ctx: Propagation) -> Any:
     tensors = list(arg(node, 0, "tensors", ()))
     ndim = len(ctx.shape(node))
@@ -219,7 +230,7 @@ _FUNCTIONS: dict[Any, Handler] = {
     operator.matmul: heads.matmul,
     torch.matmul: heads.matmul,
     torch.bmm: heads.matmul,
-    F.scaled_dot_product_attention: heads.sdpa,
+    F.scaled_dot_product_attention: _attention,
     torch.repeat_interleave: heads.repeat_interleave,
     torch.flatten: heads.reshape,
     torch.reshape: heads.reshape,

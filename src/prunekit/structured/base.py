@@ -152,7 +152,8 @@ class BaseStructuredSparsifier(BaseSparsifier):
         """Shrink the prepared model in place and return it.
 
         The whole graph is traced and checked first; if any prepared layer cannot be
-        pruned, an ``UnsupportedError`` names the node and the model is left unchanged.
+        pruned, an ``UnsupportedError`` names the node and the model is left unchanged;
+        so is a model sharded by FSDP2 (prune an unsharded copy: see the error).
         Afterwards no pruned layer carries a parametrization or a BiasHook. (The reference
         returned an fx ``GraphModule`` sharing the original's submodules.)
         """

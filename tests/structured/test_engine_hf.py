@@ -173,6 +173,20 @@ def test_ignored_layer_in_an_exported_model_keeps_its_heads() -> None:
     assert second.query.out_features == 32
 
 
+def test_an_ignored_block_of_an_exported_model_stays_whole_and_exact() -> None:
+    """A whole ignored BertLayer becomes one opaque call; the other layer still shrinks."""
+    model, x = _build("bert")
+    plan = prune(model, x, ratio=0.5, ignored_layers=["encoder.layer.0"])
+    masked = masked_copy(model, plan)
+    with torch.no_grad():
+        expected = _outputs(masked, x)
+        plan.apply()
+        _assert_close(_outputs(model, x), expected, rtol=1e-5)
+    first, second = _attentions(model)
+    assert (first.query.out_features, second.query.out_features) == (64, 32)
+    assert model.encoder.layer[0].intermediate.dense.out_features == 128
+
+
 @pytest.mark.parametrize("name", sorted(set(small_zoo()) - {"resnet18"}))  # resnet50: same parts
 def test_export_capture_plans_the_zoo_as_fx_does(name: str, monkeypatch: Any) -> None:
     """The torch.export path, forced on models fx can trace, yields the same plan."""

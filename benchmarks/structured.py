@@ -111,9 +111,38 @@ def _speed_rows(
     return rows
 
 
+class _HFBert(nn.Module):
+    """A small ``transformers`` BertModel returning its last hidden state (a tensor, so
+    that every library's output check applies); captured by prunekit through
+    torch.export, as torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.BertConfig(
+            vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=32,
+        )  # fmt: skip
+        self.bert = transformers.BertModel(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids).last_hidden_state
+
+
+def _coverage_zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
+    zoo = small_zoo()
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # the llm/test extras are not installed
+        return zoo
+    zoo["bert (transformers)"] = (_HFBert, lambda: torch.randint(0, 100, (2, 16)))
+    return zoo
+
+
 def _coverage() -> list[dict[str, Any]]:
     rows = []
-    for name, (make, inp) in small_zoo().items():
+    for name, (make, inp) in _coverage_zoo().items():
         row: dict[str, Any] = {"model": name}
         row["prunekit"] = _try(
             lambda make=make, inp=inp: check_equivalent(make(), inp(), ratio=0.5) and True

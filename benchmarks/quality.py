@@ -271,7 +271,7 @@ def structured(dense: nn.Module, cfg: dict, data: dict, dense_acc: float,
             save()
 
 
-def plot(rows: list[dict], dense_acc: float, path: Any) -> None:
+def plot(rows: list[dict], dense_acc: float, n_seeds: int, path: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,7 +279,8 @@ def plot(rows: list[dict], dense_acc: float, path: Any) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, kind, title in ((axes[0], "unstructured", "unstructured (gradual, CubicSL)"),
-                            (axes[1], "channels", "channels (+ one fine-tune epoch)")):
+                            (axes[1], "channels", f"channels (+ one fine-tune epoch; mean ± std "
+                                                  f"over {n_seeds} seeds)")):
         methods = dict.fromkeys(r["method"] for r in rows if r["kind"] == kind and r["level"])
         for method in methods:
             pts = [(r["level"], r["accuracy"], float(r["std"] or 0)) for r in rows
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     save()
     unstructured(dense, cfg, data, dense_acc, rows, save)
     structured(dense, cfg, data, dense_acc, rows, save)
-    plot(rows, dense_acc, RESULTS / ("quality-quick.png" if args.quick else "quality.png"))
+    png = RESULTS / ("quality-quick.png" if args.quick else "quality.png")
+    plot(rows, dense_acc, len(cfg["seeds"]), png)
 
 
 if __name__ == "__main__":

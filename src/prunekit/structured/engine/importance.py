@@ -1,14 +1,23 @@
 """Importance criteria: an abstract base plus a registry.
 
-A criterion scores each entry of one member (a tensor dimension); the engine normalises
-every member's scores and averages them per coupled channel, so any criterion works on
-any group.
+A criterion scores each entry of one member (a tensor dimension); the engine averages
+the members' scores per coupled channel, so any criterion works on any group.
 
-The magnitude criteria (``l1``, ``l2``) score a channel by every weight it touches: the
-producer's rows, a norm layer's scale (gamma) and the consumers' input columns, each
-member normalised by its mean. Biases (conv/linear bias, norm beta) have no opinion: they
-shift a channel's output instead of scaling the signal it carries (and a bias before a
-BatchNorm is cancelled by it), as in Torch-Pruning's default group magnitude.
+The magnitude criteria (``l1``, ``l2``) score a channel by the group norm of everything
+it touches: the producer's rows, a norm layer's scale (gamma) and the consumers' input
+columns. Each member gives its raw ``sum |w|^p`` per channel, the engine takes the mean
+over members (no per-member normalisation, so a channel that is weak in a large layer
+stays weak), then divides each group's scores by the group's mean: the ranking inside a
+group is the group norm's, and ``global_pruning`` compares groups on one scale. Biases
+(conv/linear bias, norm beta) have no opinion: they shift a channel's output instead of
+scaling the signal it carries (and a bias before a BatchNorm is cancelled by it). This is
+Torch-Pruning's default ``GroupMagnitudeImportance``.
+
+The other criteria keep ``normalise_members = True``: each member's scores are divided by
+their mean before the average, because their per-member numbers live on unrelated scales
+(FPGM's distances grow with a layer's size, LAMP is a per-layer rank-like score, Taylor
+products follow each layer's gradient scale, random is uniform per member) and adding
+them raw would let one member decide alone.
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ class Importance(ABC):
     """Scores entries of ``tensor`` along ``dim``; ``None`` when it has no opinion."""
 
     name: ClassVar[str]
+    #: divide each member's scores by their mean before averaging (see the module
+    #: docstring); ``False``: add raw scores and normalise each group instead
+    normalise_members: ClassVar[bool] = True
 
     @abstractmethod
     def score(
@@ -80,16 +92,17 @@ def _is_bias(fqn: str) -> bool:
 
 
 def _magnitude(fqn: str, tensor: torch.Tensor, dim: int, p: int) -> torch.Tensor | None:
-    """The ``p``-norm of each entry's slice (a 1-D tensor: each entry's absolute value;
-    reducing over no dims would collapse it to one number); ``None`` for biases."""
+    """``sum |w|^p`` over each entry's slice (the p-th power of its p-norm, so members add
+    up to the group norm); ``None`` for biases."""
     if _is_bias(fqn):
         return None
-    return torch.linalg.vector_norm(_rows(tensor, dim), ord=p, dim=1)
+    return _rows(tensor, dim).abs().pow(p).sum(1)
 
 
 @register_importance
 class L1(Importance):
     name = "l1"
+    normalise_members = False
 
     def score(
         self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int
@@ -100,6 +113,7 @@ class L1(Importance):
 @register_importance
 class L2(Importance):
     name = "l2"
+    normalise_members = False
 
     def score(
         self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int

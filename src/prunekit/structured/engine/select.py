@@ -16,9 +16,12 @@ __all__ = ["check_round_to", "class_scores", "select"]
 
 
 def class_scores(model: nn.Module, graph: ChannelGraph, importance: Importance) -> np.ndarray:
-    """Mean over parameter members of their scores, each normalised by its mean (so
-    layers of different scale weigh alike); ``inf`` for channels no member has an
-    opinion on (they are never pruned)."""
+    """Each coupled channel's score, averaged over the parameter members with an opinion on
+    it; ``inf`` for channels no member has an opinion on (they are never pruned).
+
+    ``importance.normalise_members`` picks where the scale is removed: from every member
+    (each normalised by its mean, every entry weighing alike) or, for a group norm, from
+    every group after the raw member scores are added up (see ``importance``)."""
     total = np.zeros(graph.n_classes)
     count = np.zeros(graph.n_classes)
     for key, member in graph.members.items():
@@ -31,11 +34,27 @@ def class_scores(model: nn.Module, graph: ChannelGraph, importance: Importance) 
         if scores is None:
             continue
         values = scores.double().cpu().numpy()
-        values = values / (values.mean() + 1e-12)
-        np.add.at(total, graph.member_classes[key], values)
-        np.add.at(count, graph.member_classes[key], 1.0)
+        classes = graph.member_classes[key]
+        if importance.normalise_members:
+            values = values / (values.mean() + 1e-12)
+            np.add.at(count, classes, 1.0)
+        else:  # a member's entries of one channel (e.g. flattened columns) add up
+            np.add.at(count, np.unique(classes), 1.0)
+        np.add.at(total, classes, values)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.inf)
+        scores = np.where(count > 0, total / np.maximum(count, 1), np.inf)
+    return scores if importance.normalise_members else _normalise_groups(scores, graph.groups)
+
+
+def _normalise_groups(scores: np.ndarray, groups: list[Group]) -> np.ndarray:
+    """Each group's scores over their mean: the ranking inside a group is unchanged, and
+    groups of different width and weight scale meet on one footing for global pruning."""
+    out = scores.copy()
+    for g in groups:
+        finite = g.classes[np.isfinite(scores[g.classes])]
+        if finite.size:
+            out[finite] = scores[finite] / (scores[finite].mean() + 1e-12)
+    return out
 
 
 def _floor_keep(group: Group, min_channels: int, round_to: int) -> int:

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = (
         f"{size}x{size} inputs, 50% of channels per group, L2 importance, output layer kept; "
         "speed-ups are dense / pruned latency (higher is better; medians of 15 batch-1 "
-        "and 5 batch-8 interleaved runs on a shared, heavily loaded 2-core machine: "
+        "and 5 batch-8 interleaved runs on a shared 2-core machine: "
         "models with identical widths differ only by noise); "
         f"torch-pruning {getattr(tp, '__version__', 'not installed')}; "
         "Torch-Pruning is told to ignore q/k/v projections of the ViT (its head reshape "

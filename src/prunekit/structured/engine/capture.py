@@ -69,8 +69,8 @@ def capture(
     model: nn.Module, example_inputs: tuple[Any, ...], leaves: frozenset[str] = frozenset()
 ) -> tuple[fx.Graph, dict[fx.Node, Any]]:
     """Trace ``model`` with torch.fx and record shapes; the model is left unchanged.
-    Shapes come from one pass on fake tensors (no compute, no writes: BatchNorm
-    statistics are untouched); eval mode so that shapes match inference. When fx cannot
+    Shapes come from one no-grad pass in eval mode (BatchNorm statistics untouched, shapes
+    as in inference): a real one, or on fake tensors when the model is on ``meta``. When fx cannot
     follow the code (e.g. Hugging Face ``transformers`` models), the model is captured
     with non-strict ``torch.export`` instead (:mod:`.exported`)."""
     try:
@@ -123,18 +123,18 @@ def _first_line(exc: Exception) -> str:
 
 
 def _record_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> dict[fx.Node, Any]:
-    """Shapes from fake tensors; a real (no_grad, eval) pass when some leaf module
-    needs data (e.g. control flow on values inside an ignored layer)."""
+    """Shapes from a real pass (as cheap as one forward on the example inputs; fake
+    tensors cost far more per op), or from fake tensors when any tensor is on the
+    ``meta`` device (planning without memory)."""
     recorder = _ShapeRecorder(gm)
-    try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
-            recorder.run(*(_fake(fake, x) for x in example_inputs))
-        return recorder.shapes
-    except CaptureError:
-        recorder = _ShapeRecorder(gm)
+    tensors = [*gm.parameters(), *gm.buffers(), *example_inputs]
+    if not any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
         with torch.no_grad():
             recorder.run(*example_inputs)
         return recorder.shapes
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        recorder.run(*(_fake(fake, x) for x in example_inputs))
+    return recorder.shapes
 
 
 def _fake(mode: FakeTensorMode, value: Any) -> Any:

@@ -212,7 +212,7 @@ def to_sparse(
     *,
     modules: Iterable[str] | None = None,
     blocksize: tuple[int, int] | None = None,
-    margin: float = 0.05,
+    margin: float = 0.1,
     inplace: bool = False,
 ) -> nn.Module:
     """Replace sparse ``nn.Linear`` and pointwise ``nn.Conv2d`` layers for faster inference.

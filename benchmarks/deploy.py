@@ -78,7 +78,9 @@ def candidates(model: nn.Module, x: torch.Tensor, pattern: str) -> tuple[dict[st
 
 def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median ms per call. Each timed sample runs enough calls to last about 20 ms, so
-    that on a busy machine every candidate gets the same share of the CPU."""
+    that on a busy machine every candidate gets the same share of the CPU, and follows
+    one untimed call of the same model (its threads awake, its weights in cache, as in
+    steady-state inference rather than just after another library's kernels)."""
     with torch.inference_mode():
         models["dense"](x)
         start = time.perf_counter()
@@ -87,7 +89,9 @@ def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> 
         calls: dict[str, Callable[[], Any]] = {
             name: (lambda m=m: [m(x) for _ in range(inner)]) for name, m in models.items()
         }
-        seconds = interleaved(calls, repeats=repeats, warmup=1)
+        seconds = interleaved(
+            calls, repeats=repeats, setup=lambda name: models[name](x), warmup=1
+        )
     return {name: 1e3 * s / inner for name, s in seconds.items()}
 
 

@@ -65,27 +65,29 @@ def _timed(fn: Callable[[], Any], calls: int, cuda: bool) -> float:
 def time_candidates(
     candidates: dict[str, nn.Module],
     x: torch.Tensor,
-    budget_s: float = 0.05,
-    sample_s: float = 0.004,
+    budget_s: float = 0.1,
+    sample_s: float = 0.02,
     min_samples: int = 5,
 ) -> dict[str, float]:
     """Median milliseconds per call of each candidate on ``x``.
 
     Each sample runs the candidate back to back for about ``sample_s`` (as it runs in a
     model: its weights stay in cache, and a layer taking microseconds is not timed below
-    the clock's noise); samples are interleaved so load drift hits all candidates alike,
-    and their number is sized to ``budget_s`` per candidate (at least ``min_samples``).
+    the clock's noise; dense kernels in particular run measurably faster in long runs of
+    calls than in runs of a few milliseconds); samples are interleaved so load drift hits
+    all candidates alike, and their number is ``budget_s / sample_s`` (at least
+    ``min_samples``).
     """
     cuda = x.is_cuda
     calls = {name: (lambda m=m: m(x)) for name, m in candidates.items()}
     with torch.inference_mode():
         once = {name: max(_timed(fn, 1, cuda), _timed(fn, 1, cuda)) for name, fn in calls.items()}
-        inner = max(1, int(sample_s / max(max(once.values()), 1e-7)))
-        samples = max(min_samples, int(budget_s / (inner * max(once.values()) + 1e-9)))
+        inner = {name: max(1, int(sample_s / max(t, 1e-7))) for name, t in once.items()}
+        samples = max(min_samples, int(budget_s / sample_s))
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(samples):
             for name, fn in calls.items():
-                times[name].append(_timed(fn, inner, cuda))
+                times[name].append(_timed(fn, inner[name], cuda))
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 

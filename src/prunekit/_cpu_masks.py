@@ -84,6 +84,8 @@ def _parallel(fn: Callable[[int, int], T], n: int, step: int = CHUNK) -> list[T]
     if workers <= 1:
         return run(starts)
     if _pool is None or _pool[:2] != (os.getpid(), workers):
+        if _pool is not None and _pool[0] == os.getpid():
+            _pool[2].shutdown(wait=False)  # a new thread count: the old threads go
         _pool = (os.getpid(), workers, ThreadPoolExecutor(workers, "prunekit-masks"))
     per = -(-len(starts) // workers)
     shares = [starts[i : i + per] for i in range(0, len(starts), per)]

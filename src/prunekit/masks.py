@@ -180,20 +180,21 @@ def _fast_keep(
     rows, cols = matrix.shape
     if norm is None or rows % bh or cols % bw:
         return None
-    k = _blocks_to_prune((rows // bh) * (cols // bw), sparsity_level, clamp_blocks)
-    array = matrix.numpy()
-    chosen = _cpu_masks.lowest_blocks(array, norm, block_shape, k)
-    if zeros == bh * bw:
-        return torch.from_numpy(_cpu_masks.keep_outside(chosen, block_shape))
-    if bh != 1 or bw > _NETWORK_MAX_BLOCK:
+    if zeros < bh * bw and (bh != 1 or bw > _NETWORK_MAX_BLOCK):
         return None
+    n_blocks = (rows // bh) * (cols // bw)
+    k = _blocks_to_prune(n_blocks, sparsity_level, clamp_blocks)
+    array = matrix.numpy()
+    if zeros == bh * bw:
+        chosen = _cpu_masks.lowest_blocks(array, norm, block_shape, k)
+        return torch.from_numpy(_cpu_masks.keep_outside(chosen, block_shape))
     network = _sorting_network(1 << (bw - 1).bit_length())
     keep = _cpu_masks.lowest_in_row_blocks(
         array,
         norm,
         bw,
         zeros,
-        None if chosen.all() else chosen,
+        None if k == n_blocks else _cpu_masks.lowest_blocks(array, norm, block_shape, k),
         network,
         lambda blocks: _lowest_by_network(blocks, zeros, False),
     )

@@ -160,13 +160,7 @@ def test_each_block_calibrates_on_the_pruned_outputs_of_the_one_before(cls):
                      blocks="", progress=False)
     manual, xs = stack_of_blocks(), list(batches)
     for block in manual:
-        s = cls()
-        s.prepare(block, [{"tensor_fqn": "0.weight"}])
-        with s.calibrate(), torch.no_grad():
-            for x in xs:
-                block(x)
-        s.step()
-        s.squash_mask()
+        prune_manually(cls, block[0], xs)  # the block's inputs are its Linear's inputs
         with torch.no_grad():
             xs = [block(x) for x in xs]
     for ours, theirs in zip(model, manual, strict=True):

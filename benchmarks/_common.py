@@ -23,12 +23,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick`` (CI smoke sizes), ``--repeats``, ``--threads``, ``--seed``."""
+    """``--quick`` (CI smoke sizes), ``--repeats``, ``--threads``, ``--seed``, ``--jobs``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes, where a benchmark runs configurations apart")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

@@ -6,15 +6,21 @@ Every method sees the same calibration sequences (cut from 90% of the summaries 
 other 10%). Also reported: the peak resident memory added while pruning (Linux
 ``VmHWM`` after a reset) next to the model's size and one block's Hessians.
 ``--quick`` runs a tiny random Llama on random tokens (a smoke test: no packages, no
-meaning). Run: ``python -m benchmarks.oneshot [--quick]``.
+meaning). Each configuration also runs with ``dense_targets=True`` (layers fitted to the
+dense model's outputs). ``--jobs N`` runs configurations in N processes side by side
+(``--threads`` each); pruning times are then those of one process sharing the machine.
+Run: ``python -m benchmarks.oneshot [--quick] [--jobs 2 --threads 1]``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import gc
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +40,13 @@ from prunekit.oneshot.data import (
 
 FULL = {"calib_seqs": 64, "eval_seqs": 32, "seq_len": 512}
 QUICK = {"calib_seqs": 4, "eval_seqs": 2, "seq_len": 32}
-RUNS = [("magnitude", None), ("wanda", None), ("sparsegpt", None),
-        ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4")]
+Run = tuple[str, str | None, bool]  # method, pattern, dense_targets
+RUNS: list[Run] = [
+    (method, pattern, dense)
+    for pattern in (None, "2:4")
+    for method, dense in (("magnitude", False), ("wanda", False), ("sparsegpt", False),
+                          ("wanda", True), ("sparsegpt", True))
+]
 MiB = 2**20
 
 
@@ -89,42 +100,73 @@ def block_statistics_mib(model: nn.Module) -> float:
     return max(sizes) / MiB
 
 
-def measure(model: nn.Module, calib: list, held_out: list) -> list[dict[str, Any]]:
+@functools.cache
+def _setup(quick: bool) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+    """The model, calibration and held-out batches, built once per process."""
+    return tiny_llama() if quick else smollm2()
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _label(method: str, dense_targets: bool) -> str:
+    return f"{method} + dense targets" if dense_targets else method
+
+
+def measure(run: Run, quick: bool, threads: int, dense_ppl: float) -> dict[str, Any]:
+    """One pruning of a fresh copy of the model: its perplexity, time and peak memory."""
+    torch.set_num_threads(threads)
+    method, pattern, dense_targets = run
+    model, calib, held_out = _setup(quick)
+    pruned = copy.deepcopy(model)
+    batches = None if method == "magnitude" else calib
+    seconds, peak = timed_peak(lambda: prunekit.oneshot(
+        pruned, batches, method, pattern=pattern, dense_targets=dense_targets, progress=False))
+    ppl = perplexity(pruned, held_out)
+    row = {"method": _label(method, dense_targets), "sparsity": pattern or "50%",
+           "perplexity": ppl, "x dense": ppl / dense_ppl, "prune s": seconds,
+           "peak extra MiB": peak}
+    print(row, flush=True)  # a long run shows its rows as they come
+    return row
+
+
+def measure_all(quick: bool, jobs: int, threads: int) -> list[dict[str, Any]]:
+    """The dense row, then every run; ``jobs > 1`` runs them in spawned processes (each
+    loads the model once; the quick model is seeded, so every process builds the same)."""
+    model, _, held_out = _setup(quick)
     dense_ppl = perplexity(model, held_out)
     rows = [{"method": "dense", "sparsity": "0%", "perplexity": dense_ppl, "x dense": 1.0,
              "prune s": 0.0, "peak extra MiB": 0.0}]
-    print(rows[-1], flush=True)  # a long run shows its rows as they come
-    for method, pattern in RUNS:
-        pruned = copy.deepcopy(model)
-        batches = None if method == "magnitude" else calib
-        seconds, peak = timed_peak(
-            lambda p=pruned, m=method, pat=pattern, b=batches: prunekit.oneshot(
-                p, b, m, pattern=pat, progress=False))
-        ppl = perplexity(pruned, held_out)
-        rows.append({"method": method, "sparsity": pattern or "50%", "perplexity": ppl,
-                     "x dense": ppl / dense_ppl, "prune s": seconds, "peak extra MiB": peak})
-        print(rows[-1], flush=True)
-        del pruned
-    return rows
+    if jobs <= 1:
+        return rows + [measure(run, quick, threads, dense_ppl) for run in RUNS]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_seed,
+                             initargs=(torch.initial_seed(),)) as pool:
+        n = len(RUNS)
+        return rows + list(pool.map(measure, RUNS, [quick] * n, [threads] * n, [dense_ppl] * n))
 
 
 def verdicts(rows: list[dict[str, Any]]) -> str:
     by = {(r["method"], r["sparsity"]): r for r in rows}
-    checks = [
-        ("SparseGPT 50% within 1.5x dense", by[("sparsegpt", "50%")]["x dense"] <= 1.5),
-        ("Wanda 50% within 2x dense", by[("wanda", "50%")]["x dense"] <= 2.0),
-        ("2:4 SparseGPT below 2:4 Wanda",
-         by[("sparsegpt", "2:4")]["perplexity"] < by[("wanda", "2:4")]["perplexity"]),
-    ]
+    checks = []
+    for dense in (False, True):
+        sparsegpt, wanda = _label("sparsegpt", dense), _label("wanda", dense)
+        checks += [
+            (f"{sparsegpt} 50% within 1.5x dense", by[(sparsegpt, "50%")]["x dense"] <= 1.5),
+            (f"{wanda} 50% within 2x dense", by[(wanda, "50%")]["x dense"] <= 2.0),
+            (f"2:4 {sparsegpt} below 2:4 {wanda}",
+             by[(sparsegpt, "2:4")]["perplexity"] < by[(wanda, "2:4")]["perplexity"]),
+        ]
     return "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks)
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    model, calib, held_out = tiny_llama() if args.quick else smollm2()
+    rows = measure_all(args.quick, args.jobs, args.threads)
+    model, calib, _ = _setup(args.quick)
     sizes = QUICK if args.quick else FULL
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / MiB
-    rows = measure(model, calib, held_out)
     what = ("Tiny random Llama, random tokens (smoke test)" if args.quick
             else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)")
     hidden_mib = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
@@ -133,7 +175,8 @@ def main() -> None:
         f"perplexity on {sizes['eval_seqs']} x {sizes['seq_len']} tokens; magnitude is per "
         f"layer |w|. Model {model_mib:.0f} MiB, one block's Hessians "
         f"{block_statistics_mib(model):.1f} MiB, calibration hidden states {hidden_mib:.1f} "
-        f"MiB. Targets: {verdicts(rows)}."
+        f"MiB; {args.jobs} process(es) side by side, {args.threads} thread(s) each. "
+        f"Targets: {verdicts(rows)}."
     )
     path = write_results("oneshot", rows, notes=notes, quick=args.quick)
     print(path.read_text())

@@ -1,4 +1,5 @@
-"""Shared test helpers: model snapshots that prove a failed call changed nothing."""
+"""Shared test helpers: model snapshots that prove a failed call changed nothing, and
+the manual one-layer pruning the one-shot tests compare the engine with."""
 
 from __future__ import annotations
 
@@ -50,3 +51,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.seq(self.linear1(x)) * self.scale
+
+
+def stack_of_blocks(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)])
+
+
+def prune_manually(cls: type, layer: nn.Linear, inputs: list[torch.Tensor]) -> None:
+    s = cls()
+    s.prepare(layer, [{"tensor_fqn": "weight"}])
+    with s.calibrate(), torch.no_grad():
+        for x in inputs:
+            layer(x)
+    s.step()
+    s.squash_mask()

@@ -15,27 +15,11 @@ from prunekit import SparseGPTSparsifier, WandaSparsifier
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.oneshot.blocks import find_decoder_stack, resolve_blocks
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
-from tests.helpers import assert_unchanged, snapshot
+from tests.helpers import assert_unchanged, prune_manually, snapshot, stack_of_blocks
 
 transformers = pytest.importorskip("transformers")
 
 METHODS = ["sparsegpt", "wanda", "magnitude"]
-
-
-@pytest.fixture(scope="module")
-def llama() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def batches() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 96, (2, 16), generator=g) for _ in range(3)]
 
 
 def linears(model: nn.Module, stack: str = "model.layers") -> dict[str, nn.Linear]:
@@ -121,16 +105,6 @@ class Fork(nn.Module):
         return self.out(torch.tanh(self.a(x)) * torch.tanh(self.b(x)))
 
 
-def prune_manually(cls: type, layer: nn.Linear, inputs: list[torch.Tensor]) -> None:
-    s = cls()
-    s.prepare(layer, [{"tensor_fqn": "weight"}])
-    with s.calibrate(), torch.no_grad():
-        for x in inputs:
-            layer(x)
-    s.step()
-    s.squash_mask()
-
-
 @pytest.mark.parametrize("cls", [WandaSparsifier, SparseGPTSparsifier])
 def test_later_layers_of_a_block_calibrate_on_the_pruned_earlier_ones(cls):
     torch.manual_seed(0)
@@ -145,11 +119,6 @@ def test_later_layers_of_a_block_calibrate_on_the_pruned_earlier_ones(cls):
     prune_manually(cls, manual.out, hidden)
     for name in ("a", "b", "out"):
         torch.testing.assert_close(getattr(model, name).weight, getattr(manual, name).weight)
-
-
-def stack_of_blocks(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)])
 
 
 @pytest.mark.parametrize("cls", [WandaSparsifier, SparseGPTSparsifier])
@@ -253,3 +222,9 @@ def test_magnitude_needs_no_batches():
     model = stack_of_blocks()
     assert prunekit.oneshot(model, method="magnitude", pattern="2:4", progress=False) == {
         "0.0": 0.5, "1.0": 0.5, "2.0": 0.5}
+
+
+def test_blocks_that_are_linear_layers_themselves_are_pruned():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    report = prunekit.oneshot(model, [torch.randn(16, 8)], "sparsegpt", blocks="", progress=False)
+    assert report == {"0": 0.5, "1": 0.5}

@@ -12,6 +12,7 @@ from torch import nn
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module
 from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
+from prunekit.oneshot.dense_targets import DenseStream
 from prunekit.oneshot.engine import capture_inputs, inference_context, run_sequential
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
@@ -140,6 +141,7 @@ def oneshot(
     overrides: Mapping[str, float | Pattern] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    dense_targets: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
     """Prune ``model`` in place, block by block, and return each layer's sparsity.
@@ -153,6 +155,12 @@ def oneshot(
     token-id tensors ``(batch, seq)`` for language models, or any tensor / tuple / dict
     of the model's arguments. Everything is checked, and the batches run through the
     model up to its first block, before any weight changes.
+
+    ``dense_targets=True`` fits each layer to the dense model's outputs rather than to
+    its own on the pruned model's inputs (see ``prunekit.oneshot.dense_targets``): the
+    error of earlier layers is partly undone, at the cost of one more forward per stage
+    and the dense hidden states kept beside the pruned ones. ``percdamp`` damps its
+    least-squares refit too.
 
     >>> import prunekit, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
@@ -169,6 +177,11 @@ def oneshot(
     per_block = resolve_layers(model, stack, layers)
     entries = _entries(model, [n for names in per_block.values() for n in names], target, overrides)
     batches = _check_batches(model, calibration_batches, method)
+    if not isinstance(dense_targets, bool):
+        raise ConfigTypeError(f"oneshot: dense_targets must be a bool, got {dense_targets!r}")
+    if dense_targets and sparsifier is None:
+        raise ConfigError("oneshot: dense_targets=True fits layers to calibration data; "
+                          "method='magnitude' uses none")
     if sparsifier is None:
         _magnitude(model, entries)
     else:
@@ -177,7 +190,8 @@ def oneshot(
             config = [{"tensor_fqn": f"{layer}.weight", "sparsity_level": level, "pattern": nm}
                       for layer, (level, nm) in entries.items()]
             sparsifier.prepare(model, config)
-            run_sequential(sparsifier, stack, per_block, inputs, progress)
+            dense = DenseStream(inputs, percdamp) if dense_targets else None
+            run_sequential(sparsifier, stack, per_block, inputs, progress, dense)
             sparsifier.squash_mask()
     return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
 

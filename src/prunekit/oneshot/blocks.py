@@ -96,8 +96,10 @@ def _owner(name: str, blocks: Blocks) -> str | None:
 
 
 def _linears(fqn: str, block: nn.Module) -> list[str]:
+    """The Linear layers of a block, the block itself included when it is one."""
     prefix = f"{fqn}." if fqn else ""
-    return [prefix + n for n, m in block.named_modules() if n and _is_linear(m)]
+    return [prefix + n if n else fqn for n, m in block.named_modules()
+            if (n or fqn) and _is_linear(m)]
 
 
 def resolve_layers(

@@ -25,9 +25,17 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import ConfigError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
+from prunekit.oneshot.dense_targets import DenseStream
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
-__all__ = ["BlockInput", "call_model", "capture_inputs", "inference_context", "run_sequential"]
+__all__ = [
+    "BlockInput",
+    "call_model",
+    "capture_inputs",
+    "forward_until",
+    "inference_context",
+    "run_sequential",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,32 +170,51 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput)
     return stages
 
 
+def forward_until(block: nn.Module, record: BlockInput, stop_at: nn.Module | None) -> None:
+    """Run ``block`` on ``record``, ending right after ``stop_at`` has seen its input
+    (``None``: the whole forward)."""
+    handle = None if stop_at is None else stop_at.register_forward_pre_hook(_stop)
+    try:
+        with suppress(_Reached):
+            block(*record.args, **record.kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def _calibrate_stage(
     sparsifier: CalibratedSparsifier,
     block: nn.Module,
-    stage: list[str],
-    stop_at: nn.Module | None,
+    stage: dict[str, nn.Module],
+    shared_input: bool,
     inputs: list[BlockInput],
+    dense: DenseStream | None,
 ) -> None:
-    """Collect the statistics of one stage; its layers share one input, so only the
-    first layer's is computed and the others get the same tensor. The forward stops
-    right after ``stop_at`` has seen its input (``None``: full forwards)."""
-    first = [f"{stage[0]}.weight"] if stop_at is not None else [f"{n}.weight" for n in stage]
+    """Collect the statistics of one stage. ``shared_input``: its layers read one input,
+    so only the first layer's statistic is computed (the others get the same tensor)
+    and forwards stop at the last layer's input; otherwise they are full forwards.
+    With ``dense``, the same forwards also refit the stage to dense targets."""
+    names = list(stage)
+    first = [f"{n}.weight" for n in (names[:1] if shared_input else names)]
     with sparsifier.calibrate(first):
-        handle = None if stop_at is None else stop_at.register_forward_pre_hook(_stop)
-        try:
+        if dense is not None:
+            dense.refit(block, stage, shared_input, inputs, forward_until)
+        else:
+            stop_at = stage[names[-1]] if shared_input else None
             for record in inputs:
-                with suppress(_Reached):
-                    block(*record.args, **record.kwargs)
-        finally:
-            if handle is not None:
-                handle.remove()
-    if stop_at is not None:
-        sparsifier.share_statistic(first[0], [f"{n}.weight" for n in stage[1:]])
+                forward_until(block, record, stop_at)
+    if shared_input:
+        sparsifier.share_statistic(first[0], [f"{n}.weight" for n in names[1:]])
 
 
 def _stop(module: nn.Module, args: tuple[Any, ...]) -> None:
     raise _Reached
+
+
+def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
+    """Replace every record's hidden states by ``block``'s output on it."""
+    for record in inputs:
+        record.replace_hidden(_hidden(block(*record.args, **record.kwargs), fqn))
 
 
 def run_sequential(
@@ -196,24 +223,29 @@ def run_sequential(
     layers: dict[str, list[str]],
     inputs: list[BlockInput],
     progress: bool = True,
+    dense: DenseStream | None = None,
 ) -> None:
     """Calibrate, prune and advance block by block (see the module docstring). Inside a
     block, layers are pruned stage by stage ("true sequential"): each stage calibrates
-    on the outputs of the stages before it, already pruned."""
+    on the outputs of the stages before it, already pruned. ``dense`` (a
+    ``DenseStream`` over the same inputs) fits every layer to dense targets first."""
     bar = tqdm(blocks, desc=f"{type(sparsifier).__name__}", unit="block",
                disable=None if progress else True)
     prepared = {group["tensor_fqn"]: group["module"] for group in sparsifier.groups}
     for index, (fqn, block) in enumerate(bar):
         start = time.perf_counter()
         by_name = {name: prepared[f"{name}.weight"] for name in layers[fqn]}
+        if dense is not None:
+            dense.begin(fqn, block)
         if by_name:
             stages = _stages(block, by_name, inputs[0])
             for stage in stages:
-                stop_at = by_name[stage[-1]] if len(stages) > 1 else None
-                _calibrate_stage(sparsifier, block, stage, stop_at, inputs)
+                modules = {name: by_name[name] for name in stage}
+                _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense)
                 sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
         if index + 1 < len(blocks):
-            for record in inputs:
-                record.replace_hidden(_hidden(block(*record.args, **record.kwargs), fqn))
+            _advance(block, inputs, fqn)
+            if dense is not None:
+                _advance(dense.block, dense.inputs, fqn)
         log.debug("block %r: %d layers pruned in %.2fs", fqn, len(by_name),
                   time.perf_counter() - start)

@@ -8,12 +8,15 @@ masks are bool keep-masks (True = keep), as everywhere in prunekit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from prunekit.errors import ConfigError
 from prunekit.masks import nm_mask
 
 __all__ = [
+    "damped_cholesky",
     "damped_inverse_cholesky",
     "prune_count",
     "row_keep_mask",
@@ -83,7 +86,29 @@ def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Ten
     all-zero Hessian is handled; if the factorisation still fails, damping grows tenfold
     a few times before giving up with an error (never NaN weights).
     """
-    h = hessian.detach().to(torch.float32).clone()
+    return _damped_factor(hessian, percdamp, torch.float32, _inverse_upper_factor)
+
+
+def damped_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H + λI`` itself (float64, for
+    ``torch.cholesky_solve(..., upper=True)``), damped as in ``damped_inverse_cholesky``."""
+
+    def upper(h: torch.Tensor) -> torch.Tensor | None:
+        factor, info = torch.linalg.cholesky_ex(h, upper=True)
+        return factor if int(info) == 0 else None
+
+    return _damped_factor(hessian, percdamp, torch.float64, upper)
+
+
+def _damped_factor(
+    hessian: torch.Tensor,
+    percdamp: float,
+    dtype: torch.dtype,
+    factor: Callable[[torch.Tensor], torch.Tensor | None],
+) -> torch.Tensor:
+    """``factor(H + λI)`` in ``dtype`` for the first damping, from ``percdamp`` up, at
+    which it works (None from ``factor``: not positive definite)."""
+    h = hessian.detach().to(dtype).clone()
     if not bool(torch.isfinite(h).all()):
         raise ConfigError(
             "SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
@@ -94,9 +119,9 @@ def damped_inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Ten
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     scale = float(diag.mean())
     for damp in (percdamp, *(d for d in _DAMP_RETRIES if d > percdamp)):
-        upper = _inverse_upper_factor(h + damp * scale * eye)
-        if upper is not None:
-            return upper
+        result = factor(h + damp * scale * eye)
+        if result is not None:
+            return result
     raise ConfigError(
         f"SparseGPT: the damped Hessian ({h.shape[0]} inputs) is not positive "
         f"definite even with damping {_DAMP_RETRIES[-1]}; check the calibration data"

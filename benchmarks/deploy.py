@@ -10,7 +10,9 @@ Columns ``*_x`` are speed-ups over dense fp32 (> 1: faster). ``auto_x`` and
 ``dense_twin_x`` (an exact copy of dense: the noise between equals) are measured apart,
 in pairs with dense alone (see ``paired_speedup``), as they test "never slower than
 dense" to a few percent, finer than the drift a rotation through other libraries' kernels
-and thread pools leaves.
+and thread pools leaves. Every cell seeds its own weights, so a cell whose dense time shows
+that the host stalled the VM while it ran is re-measured on the same weights
+(``remeasure_stalls``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import gc
 import statistics
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +47,7 @@ QUICK = {
 }
 SPARSE = ["csr", "bsr", "sparse_int8"]
 PAIRED = ("auto", "dense_twin")  # timed against dense alone, in pairs
+STALL, STALL_TRIES = 1.3, 3
 
 
 def masked_weight(out_f: int, in_f: int, block: tuple[int, int], sparsity: float) -> torch.Tensor:
@@ -131,6 +135,7 @@ def paired_speedup(base: nn.Module, other: nn.Module, x: torch.Tensor, repeats: 
 
 def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsity: float,
          repeats: int) -> dict[str, Any]:  # fmt: skip
+    torch.manual_seed(zlib.crc32(repr((shape, tokens, pattern, sparsity)).encode()))
     model = make_model(dims, block, sparsity)
     x = torch.randn(tokens, dims[0][0])
     models, chosen = candidates(model, x, pattern)
@@ -145,6 +150,33 @@ def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsi
     row["dense_twin_x"] = round(paired_speedup(model, models["dense_twin"], x, repeats), 3)
     row["auto_chose"] = chosen
     return row
+
+
+def remeasure_stalls(
+    rows: list[dict[str, Any]], measure: Callable[[dict[str, Any]], dict[str, Any]]
+) -> int:
+    """Re-measure (up to ``STALL_TRIES`` times, keeping the fastest dense) every cell whose
+    dense fp32 time exceeds ``STALL`` x the median of its shape and token count: dense time
+    does not depend on the zeros, so such a cell ran while the host stalled this VM (seen
+    here as every model of the cell 3-7x slower for seconds). Returns how many cells."""
+    medians: dict[tuple, float] = {}
+    for key in {(r["shape"], r["tokens"]) for r in rows}:
+        medians[key] = statistics.median(
+            r["dense_ms"] for r in rows if (r["shape"], r["tokens"]) == key)
+    redone = 0
+    for i, row in enumerate(rows):
+        limit = STALL * medians[(row["shape"], row["tokens"])]
+        if row["dense_ms"] <= limit:
+            continue
+        redone += 1
+        for _ in range(STALL_TRIES):
+            again = measure(row)
+            if again["dense_ms"] < row["dense_ms"]:
+                row = again
+            if row["dense_ms"] <= limit:
+                break
+        rows[i] = row
+    return redone
 
 
 def crossover(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,15 +237,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
     gc.freeze()  # interleaved() collects before every call; skip torch's import-time objects
     config = QUICK if args.quick else FULL
-    rows = []
-    for shape, dims in config["shapes"].items():
-        for tokens in config["tokens"]:
-            for pattern, block in config["patterns"].items():
-                for sparsity in config["sparsity"]:
-                    rows.append(cell(shape, dims, tokens, pattern, block, sparsity, args.repeats))
+    def measure(row: dict[str, Any]) -> dict[str, Any]:
+        shape, pattern = row["shape"], row["pattern"]
+        return cell(shape, config["shapes"][shape], row["tokens"], pattern,
+                    config["patterns"][pattern], row["sparsity"], args.repeats)
+
+    rows = [
+        measure({"shape": shape, "tokens": tokens, "pattern": pattern, "sparsity": sparsity})
+        for shape in config["shapes"] for tokens in config["tokens"]
+        for pattern in config["patterns"] for sparsity in config["sparsity"]
+    ]
+    redone = remeasure_stalls(rows, measure)
     notes = "\n".join(
-        [*summary(rows), "", "Crossover sparsity (beats dense fp32 from here up):", "",
-         markdown(crossover(rows))]
+        [*summary(rows), f"- {redone} cells re-measured after a host stall (dense fp32 more "
+         f"than {STALL}x the median of its shape and tokens).", "",
+         "Crossover sparsity (beats dense fp32 from here up):", "", markdown(crossover(rows))]
     )  # fmt: skip
     path = write_results("deploy", rows, notes=notes, quick=args.quick)
     print(path.read_text())

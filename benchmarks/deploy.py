@@ -2,25 +2,25 @@
 
 Run: ``python -m benchmarks.deploy [--quick]``. BERT-base sizes: Linear 768->3072 (fc1),
 3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32/128 tokens, 50/70/90/95%
-sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell times, interleaved in
-one process on the same input: dense fp32, dense dynamic int8 (torch quantize_dynamic),
-CSR, BSR (square blocks; MKL takes no other on the CPU), sparse dynamic int8
-(``sparse_quantize``, 1x4 blocks, qnnpack) and ``to_sparse(layout="auto")``.
-Columns ``*_x`` are speed-ups over dense fp32 (> 1: faster). ``auto_x`` and
-``dense_twin_x`` (an exact copy of dense: the noise between equals) are measured apart,
-in pairs with dense alone (see ``paired_speedup``), as they test "never slower than
-dense" to a few percent, finer than the drift a rotation through other libraries' kernels
-and thread pools leaves. Every cell seeds its own weights, so a cell whose dense time shows
-that the host stalled the VM while it ran is re-measured on the same weights
-(``remeasure_stalls``).
+sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell compares with dense fp32,
+in one process on the same input: dense dynamic int8 (torch quantize_dynamic), CSR, BSR
+(square blocks; MKL takes no other on the CPU), sparse dynamic int8 (``sparse_quantize``,
+1x4 blocks, qnnpack), ``to_sparse(layout="auto")`` and an exact copy of the dense model
+(``dense_twin``: the noise between equals). Columns ``*_x`` are speed-ups over dense fp32
+(> 1: faster), each the median ratio of ABBA pairs timed against dense alone
+(``prunekit.deploy.auto.paired_samples``, 2 x repeats pairs): a rotation through every
+library's kernels and thread pools left drift larger than the few percent "auto is never
+slower" is about. Every cell seeds its own
+weights, so a cell whose dense time shows that the host stalled the VM while it ran is
+re-measured on the same weights (``remeasure_stalls``).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import operator
 import statistics
-import time
 import warnings
 import zlib
 from collections.abc import Callable
@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
-from benchmarks._common import interleaved, parse_args, ratio, write_results
+from benchmarks._common import parse_args, write_results
 from prunekit.deploy import sparse_quantize, to_sparse
+from prunekit.deploy.auto import paired_samples
 
 FULL = {
     "shapes": {"fc1": [(768, 3072)], "fc2": [(3072, 768)], "mlp": [(768, 3072), (3072, 768)]},
@@ -46,7 +47,6 @@ QUICK = {
     "patterns": {"unstructured": (1, 1), "16x16": (16, 16)},
 }
 SPARSE = ["csr", "bsr", "sparse_int8"]
-PAIRED = ("auto", "dense_twin")  # timed against dense alone, in pairs
 STALL, STALL_TRIES = 1.3, 3
 
 
@@ -88,66 +88,27 @@ def candidates(model: nn.Module, x: torch.Tensor, pattern: str) -> tuple[dict[st
     return models, chosen
 
 
-def time_models(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms per call. Each timed sample runs enough calls to last about 20 ms, so
-    that on a busy machine every candidate gets the same share of the CPU, and follows
-    one untimed call of the same model (its threads awake, its weights in cache, as in
-    steady-state inference rather than just after another library's kernels)."""
-    with torch.inference_mode():
-        models["dense"](x)
-        start = time.perf_counter()
-        models["dense"](x)
-        inner = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
-        calls: dict[str, Callable[[], Any]] = {
-            name: (lambda m=m: [m(x) for _ in range(inner)]) for name, m in models.items()
-        }
-        seconds = interleaved(
-            calls, repeats=repeats, setup=lambda name: models[name](x), warmup=1
-        )
-    return {name: 1e3 * s / inner for name, s in seconds.items()}
-
-
-def paired_speedup(base: nn.Module, other: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median over ``repeats`` pairs of ``time(base) / time(other)``, each pair timed
-    back to back in alternating order (ABBA), each sample ~20 ms of calls after one
-    untimed call: slow drift and order effects cancel within a pair."""
-    with torch.inference_mode():
-        base(x)
-        start = time.perf_counter()
-        base(x)
-        inner = max(1, int(0.02 / max(time.perf_counter() - start, 1e-6)))
-
-        def sample(model: nn.Module) -> float:
-            model(x)
-            begin = time.perf_counter()
-            for _ in range(inner):
-                model(x)
-            return time.perf_counter() - begin
-
-        ratios = []
-        for i in range(2 * repeats + 1):  # the first pair warms up
-            first, second = (base, other) if i % 2 else (other, base)
-            t_first, t_second = sample(first), sample(second)
-            if i:
-                ratios.append(t_first / t_second if first is base else t_second / t_first)
-    return statistics.median(ratios)
-
-
 def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsity: float,
          repeats: int) -> dict[str, Any]:  # fmt: skip
     torch.manual_seed(zlib.crc32(repr((shape, tokens, pattern, sparsity)).encode()))
     model = make_model(dims, block, sparsity)
     x = torch.randn(tokens, dims[0][0])
     models, chosen = candidates(model, x, pattern)
-    ms = time_models({k: m for k, m in models.items() if k not in PAIRED}, x, repeats)
+    dense_s: list[float] = []
+    speedups: dict[str, float] = {}
+    for name, other in models.items():
+        if name != "dense":
+            base_s, other_s = paired_samples(model, other, x, 2 * repeats)
+            speedups[name] = statistics.median(map(operator.truediv, base_s, other_s))
+            dense_s += base_s
     row: dict[str, Any] = {
         "shape": shape, "tokens": tokens, "pattern": pattern, "sparsity": sparsity,
-        "dense_ms": ms["dense"], "int8_x": ratio(ms["dense"], ms["int8"]),
+        "dense_ms": 1e3 * statistics.median(dense_s), "int8_x": speedups["int8"],
     }  # fmt: skip
     for name in SPARSE:
-        row[f"{name}_x"] = ratio(ms["dense"], ms[name]) if name in ms else None
-    row["auto_x"] = round(paired_speedup(model, models["auto"], x, repeats), 3)
-    row["dense_twin_x"] = round(paired_speedup(model, models["dense_twin"], x, repeats), 3)
+        row[f"{name}_x"] = speedups.get(name)
+    row["auto_x"] = speedups["auto"]
+    row["dense_twin_x"] = speedups["dense_twin"]
     row["auto_chose"] = chosen
     return row
 

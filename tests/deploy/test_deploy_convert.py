@@ -50,6 +50,32 @@ def test_auto_leaves_layers_dense_when_sparse_cannot_win():
     assert "no layout beats dense by 99%" in deployed.deploy_report["2"].reason
 
 
+@pytest.mark.parametrize(("paired", "kept"), [(1.0, "dense"), (50.0, "csr")])
+def test_auto_keeps_a_pick_only_if_paired_timing_confirms_the_margin(monkeypatch, paired, kept):
+    """The interleaved round says CSR is 10x faster; the paired look decides."""
+    import prunekit.deploy.convert as convert
+
+    monkeypatch.setattr(convert, "time_candidates", lambda c, x: {"dense": 1.0, "csr": 0.1})
+    monkeypatch.setattr(convert, "confirmed_speedup", lambda dense, sparse, x: paired)
+    model = sparse_mlp(sparsity=0.9)
+    deployed = to_sparse(model, X, margin=0.1)
+    report = deployed.deploy_report["0"]
+    assert report.layout == kept
+    assert f"{paired:.2f}x in paired timing" in report.reason
+    torch.testing.assert_close(deployed(X), model(X), atol=1e-5, rtol=1e-5)
+
+
+def test_paired_samples_time_both_in_every_pair():
+    from prunekit.deploy.auto import confirmed_speedup, paired_samples
+
+    fast, slow = nn.Identity(), nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+    x = torch.randn(64, 256)
+    fast_s, slow_s = paired_samples(fast, slow, x, pairs=4, sample_s=1e-3)
+    assert len(fast_s) == len(slow_s) == 4 and min(fast_s) > 0
+    assert max(fast_s) < min(slow_s)
+    assert confirmed_speedup(slow, fast, x, pairs=3) > 1
+
+
 def test_auto_reports_layers_the_inputs_never_reach():
     class WithSpare(nn.Module):
         def __init__(self) -> None:

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["capture_inputs", "choose", "time_candidates"]
+__all__ = [
+    "capture_inputs",
+    "choose",
+    "confirmed_speedup",
+    "paired_samples",
+    "time_candidates",
+]
 
 
 def run_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -89,6 +95,34 @@ def time_candidates(
             for name, fn in calls.items():
                 times[name].append(_timed(fn, inner[name], cuda))
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def paired_samples(
+    base: nn.Module, other: nn.Module, x: torch.Tensor, pairs: int, sample_s: float = 0.02
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``base`` and of ``other`` in each of ``pairs`` pairs, timed
+    back to back in alternating order (ABBA) after one warm-up pair: drift slower than a
+    pair and the order cancel in each pair's ratio. Samples last about ``sample_s``."""
+    cuda = x.is_cuda
+    with torch.inference_mode():
+        calls = {model: (lambda m=model: m(x)) for model in (base, other)}
+        inner = {m: max(1, int(sample_s / max(_timed(fn, 1, cuda), 1e-7)))
+                 for m, fn in calls.items()}
+        times: dict[nn.Module, list[float]] = {base: [], other: []}
+        for i in range(pairs + 1):
+            for model in (base, other) if i % 2 else (other, base):
+                seconds = _timed(calls[model], inner[model], cuda)
+                if i:
+                    times[model].append(seconds)
+    return times[base], times[other]
+
+
+def confirmed_speedup(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, pairs: int = 6
+                      ) -> float:  # fmt: skip
+    """Median over ABBA pairs of ``time(dense) / time(sparse)``: a second, paired look at
+    a layout the interleaved round picked, which a burst of load may have favoured."""
+    dense_s, sparse_s = paired_samples(dense, sparse, x, pairs)
+    return statistics.median(d / s for d, s in zip(dense_s, sparse_s, strict=True))
 
 
 def choose(times_ms: dict[str, float], margin: float) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from prunekit.deploy.auto import capture_inputs, choose, time_candidates
+from prunekit.deploy.auto import capture_inputs, choose, confirmed_speedup, time_candidates
 from prunekit.deploy.layouts import LAYOUTS, Layout, check_float_weight
 from prunekit.deploy.modules import SparseConv1x1, SparseLinear, is_pointwise_conv
 from prunekit.deploy.report import DeployReport, LayerChoice
@@ -164,9 +164,22 @@ def _auto(
         candidates, skipped = _fitting_candidates(fqn, module, blocksize, inputs[fqn])
         times = time_candidates(candidates, inputs[fqn])
         best, reason = choose(times, margin)
+        if best != "dense":
+            best, reason = _confirm(candidates, best, reason, inputs[fqn], margin)
         new[fqn] = candidates[best]
         report.layers.append(_choice(fqn, module, best, reason, times, skipped))
     return new, report
+
+
+def _confirm(
+    candidates: dict[str, nn.Module], best: str, reason: str, x: torch.Tensor, margin: float
+) -> tuple[str, str]:
+    """Keep ``best`` only if paired timing against dense confirms the margin."""
+    speedup = confirmed_speedup(candidates["dense"], candidates[best], x)
+    if speedup * (1.0 - margin) > 1.0:
+        return best, f"{reason}; confirmed {speedup:.2f}x in paired timing"
+    return "dense", (f"{reason}, but only {speedup:.2f}x in paired timing: below the "
+                     f"{margin:.0%} margin")
 
 
 def _replace(model: nn.Module, new: dict[str, nn.Module]) -> None:

@@ -1,6 +1,7 @@
 """oneshot(dense_targets=True): every layer is refit towards the dense model's outputs
-before it is pruned; checked against a manual computation, the ridge least-squares
-closed form, exact sparsity and N:M, and a no-op at sparsity 0."""
+before it is pruned (a residual branch's last layer towards the dense block's output);
+checked against manual computations with the ridge least-squares closed forms, exact
+sparsity and N:M, and a no-op at sparsity 0."""
 
 from __future__ import annotations
 
@@ -47,6 +48,68 @@ def test_each_block_is_refit_to_dense_targets_then_pruned(method):
             xs, xd = [block(x) for x in xs], [twin(x) for x in xd]
     for ours, theirs in zip(model, manual, strict=True):
         torch.testing.assert_close(ours[0].weight, theirs[0].weight, rtol=1e-4, atol=1e-5)
+
+
+class Residual(nn.Module):
+    """``x + down(relu(up(x)))``: ``down`` adds to the block's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def output_refit(weight: torch.Tensor, inputs: list, errors: list, percdamp: float = 0.01):
+    """argmin_V ||W X_s + (out_d - out_s) - V X_s||² + λ||V - W||²."""
+    xs, err = torch.cat(inputs).double(), torch.cat(errors).double()
+    h = xs.T @ xs
+    lam = percdamp * float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    return (weight.double() + torch.linalg.solve(h + lam * eye, xs.T @ err).T).float()
+
+
+@pytest.mark.parametrize("method", sorted(CALIBRATED))
+def test_a_residual_branch_is_fitted_to_the_dense_block_output(method):
+    """``up`` is refit layer-wise; ``down`` adds to the block's output, so it is refit
+    towards the dense block's output: it also absorbs the incoming residual error."""
+    torch.manual_seed(4)
+    batches = [torch.randn(64, 16) for _ in range(2)]
+    torch.manual_seed(5)
+    model = nn.Sequential(Residual(), Residual())
+    reference = copy.deepcopy(model)
+    prunekit.oneshot(model, batches, method, blocks="", dense_targets=True, progress=False)
+    manual, dense = copy.deepcopy(reference), reference
+    xs, xd = list(batches), list(batches)
+    cls = CALIBRATED[method]
+    for block, twin in zip(manual, dense, strict=True):
+        with torch.no_grad():
+            block.up.weight.copy_(ridge_refit(block.up.weight, xs, xd))
+            prune_manually(cls, block.up, xs)
+            hidden = [torch.relu(block.up(x)) for x in xs]
+            errors = [twin(d) - block(x) for x, d in zip(xs, xd, strict=True)]
+            block.down.weight.copy_(output_refit(block.down.weight, hidden, errors))
+        prune_manually(cls, block.down, hidden)
+        with torch.no_grad():
+            xs, xd = [block(x) for x in xs], [twin(x) for x in xd]
+    for ours, theirs in zip(model, manual, strict=True):
+        for name in ("up", "down"):
+            torch.testing.assert_close(getattr(ours, name).weight, getattr(theirs, name).weight,
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_adds_to_output_is_checked_on_the_block():
+    from prunekit.oneshot.dense_targets import adds_to_output
+    from prunekit.oneshot.engine import BlockInput, _hidden_until
+
+    record = BlockInput((torch.randn(4, 16),), {})
+    block = Residual()
+    assert adds_to_output(block, block.down, record, _hidden_until)
+    assert not adds_to_output(block, block.up, record, _hidden_until)  # through relu and down
+    twice = nn.Sequential(block.up, nn.ReLU(), block.down, nn.Linear(16, 32), nn.ReLU(),
+                          block.down)
+    assert not adds_to_output(twice, block.down, record, _hidden_until)
 
 
 @pytest.mark.parametrize("method", sorted(CALIBRATED))
@@ -105,7 +168,8 @@ class Repeat(nn.Module):
         self.a, self.threshold = nn.Linear(8, 8), threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(self.a(x)) if float(x.abs().sum()) > self.threshold else self.a(x)
+        y = self.a(self.a(x)) if float(x.abs().sum()) > self.threshold else self.a(x)
+        return torch.tanh(y)  # not a residual branch: the layer is fitted layer-wise
 
 
 def test_a_layer_run_more_often_in_the_dense_copy_is_refused_by_name():

@@ -34,7 +34,7 @@ from prunekit.sparsifier.oneshot_math import damped_cholesky
 if TYPE_CHECKING:
     from prunekit.oneshot.engine import BlockInput
 
-__all__ = ["DenseStream"]
+__all__ = ["DenseStream", "adds_to_output"]
 
 
 @contextmanager
@@ -90,53 +90,118 @@ class DenseStream:
         stage: dict[str, nn.Module],
         shared_input: bool,
         inputs: list[BlockInput],
-        forward_until: Callable[[nn.Module, BlockInput, nn.Module | None], None],
+        run: Runner,
+        to_output: bool = False,
     ) -> None:
         """Refit the layers of ``stage`` (``{fqn: module}`` of the pruned ``block``) to
         dense targets. ``shared_input``: the layers read one input tensor (q/k/v), so one
-        ``H`` and ``C`` serve them all and forwards end at the last one's input. The
-        forwards of ``block`` are also the ones a sparsifier calibrating it sees."""
+        statistic serves them all and forwards end at the last one's input.
+        ``to_output``: the stage is one layer whose output the block adds to its result
+        (see ``adds_to_output``), fitted to the dense **block** output instead, so that
+        it also absorbs the error the residual stream brought in. The forwards of
+        ``block`` are the ones a sparsifier calibrating it sees."""
         assert self.block is not None, "begin() first"
         names = list(stage)
+        if to_output:
+            self._fit_block_output(block, names[0], stage[names[0]], inputs, run)
+            return
         record = names[:1] if shared_input else names
         stop = names[-1] if shared_input else None
         twins = {name: self._twin(name) for name in names}
         sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for sparse_record, dense_record in zip(inputs, self.inputs, strict=True):
             with _recording({n: twins[n] for n in record}) as dense:
-                forward_until(self.block, dense_record, stop and twins[stop])
+                run(self.block, dense_record, stop and twins[stop])
             with _recording({n: stage[n] for n in record}) as sparse:
-                forward_until(block, sparse_record, stop and stage[stop])
+                run(block, sparse_record, stop and stage[stop])
             for name in record:
-                _accumulate(sums, name, sparse[name], dense[name])
+                hessian, shift = _sums(sums, name, sparse[name], dense[name])
+                for xs, xd in zip(sparse[name], dense[name], strict=True):
+                    xs, xd = _rows(xs), _rows(xd)
+                    hessian.addmm_(xs.T, xs)
+                    shift.addmm_((xd - xs).T, xs)
         for name in names:
-            hessian, cross = sums[record[0] if shared_input else name]
+            hessian, shift = sums[record[0] if shared_input else name]
             weight = _original(stage[name])
-            upper = damped_cholesky(hessian, self.percdamp)
-            w = weight.double()
-            shift = torch.cholesky_solve((w @ (cross.double() - hessian.double())).T, upper,
-                                         upper=True)
-            weight.copy_((w + shift.T).to(weight.dtype))
+            _apply(weight, weight.double() @ shift.double(), hessian, self.percdamp)
+
+    def _fit_block_output(
+        self, block: nn.Module, name: str, layer: nn.Module, inputs: list[BlockInput], run: Runner
+    ) -> None:
+        """``W' = W + E (H + λI)⁻¹`` with ``E = Σ (out_d - out_s) x_sᵀ``: the layer's
+        output moves by the block's remaining error, as far as its inputs can explain."""
+        assert self.block is not None, "begin() first"
+        sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for sparse_record, dense_record in zip(inputs, self.inputs, strict=True):
+            dense_out = run(self.block, dense_record, None)
+            with _recording({name: layer}) as sparse:
+                sparse_out = run(block, sparse_record, None)
+            assert dense_out is not None and sparse_out is not None
+            hessian, error = _sums(sums, name, sparse[name], sparse[name],
+                                   rows=dense_out.shape[-1])
+            xs = _rows(sparse[name][0])
+            hessian.addmm_(xs.T, xs)
+            error.addmm_(_rows(dense_out - sparse_out).T, xs)
+        hessian, error = sums[name]
+        _apply(_original(layer), error.double(), hessian, self.percdamp)
 
 
-def _accumulate(
+Runner = Callable[[nn.Module, "BlockInput", "nn.Module | None"], "torch.Tensor | None"]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def _apply(weight: torch.Tensor, shift: torch.Tensor, hessian: torch.Tensor, percdamp: float
+           ) -> None:  # fmt: skip
+    """``weight += shift (H + λI)⁻¹`` (float64 solve), in place."""
+    upper = damped_cholesky(hessian, percdamp)
+    delta = torch.cholesky_solve(shift.T, upper, upper=True).T
+    weight.copy_((weight.double() + delta).to(weight.dtype))
+
+
+def adds_to_output(block: nn.Module, layer: nn.Module, record: BlockInput, run: Runner) -> bool:
+    """Whether ``block``'s output is something plus ``layer``'s output, checked on one
+    batch by running the block again with that output replaced by zeros. A layer run
+    more than once, or whose output shape differs from the block's, does not count."""
+    outputs: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            full = run(block, record, None)
+    finally:
+        handle.remove()
+    if len(outputs) != 1 or full is None or outputs[0].shape != full.shape:
+        return False
+    handle = layer.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
+    try:
+        with torch.no_grad():
+            without = run(block, record, None)
+    finally:
+        handle.remove()
+    assert without is not None
+    scale = float(full.abs().max()) + 1e-12
+    return bool(torch.allclose(full - without, outputs[0], rtol=1e-4, atol=1e-5 * scale))
+
+
+def _sums(
     sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
     name: str,
     sparse: list[torch.Tensor],
     dense: list[torch.Tensor],
-) -> None:
-    """Add one batch's ``X_sᵀX_s`` and ``X_dᵀX_s`` (calls paired in order) to ``sums``."""
+    rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``name``'s running ``(H, second statistic)``, zeros at first (the second is
+    ``rows x width``, square by default); refuses unpaired calls."""
     if len(sparse) != len(dense) or not sparse:
         raise UnsupportedError(
             f"dense targets: {name!r} ran {len(sparse)} times in the pruned block but "
             f"{len(dense)} times in its dense copy; expected the same number, at least one"
         )
-    width = sparse[0].shape[-1]
     if name not in sums:
+        width = sparse[0].shape[-1]
         zeros = torch.zeros(width, width, dtype=torch.float32, device=sparse[0].device)
-        sums[name] = (zeros, zeros.clone())
-    hessian, cross = sums[name]
-    for xs, xd in zip(sparse, dense, strict=True):
-        xs, xd = xs.reshape(-1, width).float(), xd.reshape(-1, width).float()
-        hessian.addmm_(xs.T, xs)
-        cross.addmm_(xd.T, xs)
+        second = torch.zeros(rows or width, width, dtype=torch.float32, device=zeros.device)
+        sums[name] = (zeros, second)
+    return sums[name]

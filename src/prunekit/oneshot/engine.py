@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import ConfigError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
-from prunekit.oneshot.dense_targets import DenseStream
+from prunekit.oneshot.dense_targets import DenseStream, adds_to_output
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = [
+    "STOPPED",
     "BlockInput",
     "call_model",
     "capture_inputs",
@@ -128,16 +129,21 @@ def capture_inputs(
     return records
 
 
-def _hidden(output: Any, fqn: str) -> torch.Tensor:
+def _first_tensor(output: Any) -> torch.Tensor | None:
     """The hidden states a block returns (decoder layers return them first in a tuple)."""
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
-    if not isinstance(output, torch.Tensor):
+    return output if isinstance(output, torch.Tensor) else None
+
+
+def _hidden(output: Any, fqn: str) -> torch.Tensor:
+    hidden = _first_tensor(output)
+    if hidden is None:
         raise UnsupportedError(
             f"block {fqn!r} returned {type(output).__name__}; expected a tensor or a tuple "
             "starting with the hidden states"
         )
-    return output
+    return hidden
 
 
 def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput) -> list[list[str]]:
@@ -170,16 +176,27 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput)
     return stages
 
 
-def forward_until(block: nn.Module, record: BlockInput, stop_at: nn.Module | None) -> None:
-    """Run ``block`` on ``record``, ending right after ``stop_at`` has seen its input
-    (``None``: the whole forward)."""
+STOPPED = object()  # what forward_until returns for a forward it ended early
+
+
+def forward_until(block: nn.Module, record: BlockInput, stop_at: nn.Module | None) -> Any:
+    """Run ``block`` on ``record`` and return its output, or ``STOPPED`` if it ended
+    right after ``stop_at`` saw its input (``None``: the whole forward)."""
     handle = None if stop_at is None else stop_at.register_forward_pre_hook(_stop)
     try:
-        with suppress(_Reached):
-            block(*record.args, **record.kwargs)
+        return block(*record.args, **record.kwargs)
+    except _Reached:
+        return STOPPED
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _hidden_until(
+    block: nn.Module, record: BlockInput, stop_at: nn.Module | None
+) -> torch.Tensor | None:
+    """``forward_until``'s hidden states; None if it stopped or returned no tensor."""
+    return _first_tensor(forward_until(block, record, stop_at))
 
 
 def _calibrate_stage(
@@ -189,16 +206,21 @@ def _calibrate_stage(
     shared_input: bool,
     inputs: list[BlockInput],
     dense: DenseStream | None,
+    last: bool,
 ) -> None:
     """Collect the statistics of one stage. ``shared_input``: its layers read one input,
     so only the first layer's statistic is computed (the others get the same tensor)
     and forwards stop at the last layer's input; otherwise they are full forwards.
-    With ``dense``, the same forwards also refit the stage to dense targets."""
+    With ``dense``, the same forwards also refit the stage to dense targets; the
+    block's ``last`` stage, if it is one layer adding to the block's output, to the
+    dense block output (see ``DenseStream.refit``)."""
     names = list(stage)
     first = [f"{n}.weight" for n in (names[:1] if shared_input else names)]
+    to_output = (dense is not None and last and len(names) == 1
+                 and adds_to_output(block, stage[names[0]], inputs[0], _hidden_until))
     with sparsifier.calibrate(first):
         if dense is not None:
-            dense.refit(block, stage, shared_input, inputs, forward_until)
+            dense.refit(block, stage, shared_input, inputs, _hidden_until, to_output)
         else:
             stop_at = stage[names[-1]] if shared_input else None
             for record in inputs:
@@ -214,7 +236,7 @@ def _stop(module: nn.Module, args: tuple[Any, ...]) -> None:
 def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
     """Replace every record's hidden states by ``block``'s output on it."""
     for record in inputs:
-        record.replace_hidden(_hidden(block(*record.args, **record.kwargs), fqn))
+        record.replace_hidden(_hidden(forward_until(block, record, None), fqn))
 
 
 def run_sequential(
@@ -239,9 +261,10 @@ def run_sequential(
             dense.begin(fqn, block)
         if by_name:
             stages = _stages(block, by_name, inputs[0])
-            for stage in stages:
+            for i, stage in enumerate(stages):
                 modules = {name: by_name[name] for name in stage}
-                _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense)
+                _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense,
+                                 last=i == len(stages) - 1)
                 sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
         if index + 1 < len(blocks):
             _advance(block, inputs, fqn)

@@ -13,8 +13,14 @@ rows), the refit ``W' = W C H⁻¹`` is the best dense weight, and
 so pruning ``W'`` with the usual objective (SparseGPT's Hessian ``H``, Wanda's norms)
 minimises the dense-target error. The refit is damped towards ``W`` (ridge):
 ``W' = W + W (C - H)(H + λI)⁻¹``, which is ``W`` itself, bit for bit, where the two
-streams agree. The cost: a dense copy of one block and the dense hidden states run
-alongside (one more forward per stage), and one ``C`` per stage.
+streams agree.
+
+A block's last layer whose output the block adds to its result (a residual branch:
+``down_proj``) is fitted to the dense *block* output instead: with ``E = Σ (out_d -
+out_s) x_sᵀ``, ``W' = W + E (H + λI)⁻¹`` moves its output by the block's whole remaining
+error, including what the residual stream carried in from earlier blocks, as far as its
+inputs can explain it. The cost: a dense copy of one block and the dense hidden states
+run alongside (one more forward per stage), and one more statistic per stage.
 """
 
 from __future__ import annotations

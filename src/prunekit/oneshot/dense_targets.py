@@ -172,23 +172,25 @@ def adds_to_output(block: nn.Module, layer: nn.Module, record: BlockInput, run: 
     batch by running the block again with that output replaced by zeros. A layer run
     more than once, or whose output shape differs from the block's, does not count."""
     outputs: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _a, out: outputs.append(out))
-    try:
-        with torch.no_grad():
-            full = run(block, record, None)
-    finally:
-        handle.remove()
+    full = _run_hooked(block, record, run, layer, lambda _m, _a, out: outputs.append(out))
     if len(outputs) != 1 or full is None or outputs[0].shape != full.shape:
         return False
-    handle = layer.register_forward_hook(lambda _m, _a, out: torch.zeros_like(out))
-    try:
-        with torch.no_grad():
-            without = run(block, record, None)
-    finally:
-        handle.remove()
+    without = _run_hooked(block, record, run, layer, lambda _m, _a, out: torch.zeros_like(out))
     assert without is not None
     scale = float(full.abs().max()) + 1e-12
     return bool(torch.allclose(full - without, outputs[0], rtol=1e-4, atol=1e-5 * scale))
+
+
+def _run_hooked(
+    block: nn.Module, record: BlockInput, run: Runner, layer: nn.Module, hook: Callable
+) -> torch.Tensor | None:
+    """``run`` the whole block without autograd, with a forward ``hook`` on ``layer``."""
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return run(block, record, None)
+    finally:
+        handle.remove()
 
 
 def _sums(

@@ -28,15 +28,7 @@ from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, adds_to_output
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
-__all__ = [
-    "STOPPED",
-    "BlockInput",
-    "call_model",
-    "capture_inputs",
-    "forward_until",
-    "inference_context",
-    "run_sequential",
-]
+__all__ = ["BlockInput", "call_model", "capture_inputs", "inference_context", "run_sequential"]
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +168,17 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput)
     return stages
 
 
-STOPPED = object()  # what forward_until returns for a forward it ended early
+_STOPPED = object()  # what forward_until returns for a forward it ended early
 
 
 def forward_until(block: nn.Module, record: BlockInput, stop_at: nn.Module | None) -> Any:
-    """Run ``block`` on ``record`` and return its output, or ``STOPPED`` if it ended
+    """Run ``block`` on ``record`` and return its output, or ``_STOPPED`` if it ended
     right after ``stop_at`` saw its input (``None``: the whole forward)."""
     handle = None if stop_at is None else stop_at.register_forward_pre_hook(_stop)
     try:
         return block(*record.args, **record.kwargs)
     except _Reached:
-        return STOPPED
+        return _STOPPED
     finally:
         if handle is not None:
             handle.remove()

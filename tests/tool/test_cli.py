@@ -251,12 +251,13 @@ def test_structured_stage_through_a_recipe(tmp_path, capsys):
     assert text.splitlines()[0].split()[:2] == ["model", "params"]
 
 
-def test_oneshot_stage_with_calibration_data(tmp_path, capsys):
+@pytest.mark.parametrize("extra", ["", ", dense_targets: true"])
+def test_oneshot_stage_with_calibration_data(tmp_path, capsys, extra):
     save_file({"inputs": torch.randn(16, 1, 8, 8)}, str(tmp_path / "c.safetensors"))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"calibration: {{file: {tmp_path / 'c.safetensors'}, batches: 2, "
                       "batch_size: 8}\n"
-                      "stages: [{type: oneshot, method: sparsegpt, sparsity: 0.5}]\n")
+                      f"stages: [{{type: oneshot, method: sparsegpt, sparsity: 0.5{extra}}}]\n")
     out = tmp_path / "o"
     code, _, err = _run_main(capsys, "prune", FACTORY, "--recipe", str(recipe), "--out", str(out),
                              "-q")

@@ -92,7 +92,8 @@ def _run_stage(model: nn.Module, stage: dict, recipe: dict, example: tuple,
     elif stage["type"] == "structured":
         structured_stage(model, example, stage["ratio"], stage["importance"], ignore)
     else:
-        oneshot_stage(model, calibration, stage["method"], stage["sparsity"])
+        oneshot_stage(model, calibration, stage["method"], stage["sparsity"],
+                      stage["dense_targets"])
 
 
 def check_backends(recipe: dict) -> None:

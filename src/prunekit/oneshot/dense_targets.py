@@ -70,8 +70,9 @@ class DenseStream:
     """The dense model run beside the pruned one, block by block.
 
     ``begin`` copies a block before any of its layers is pruned; ``refit`` collects one
-    stage's paired inputs and writes ``W' = W C H⁻¹`` into its layers. The engine moves
-    ``inputs`` (the dense hidden states) on through ``block``, the dense copy.
+    stage's paired inputs and writes the refit weights (see the module docstring) into
+    its layers. The engine moves ``inputs`` (the dense hidden states) on through
+    ``block``, the dense copy.
     """
 
     def __init__(self, inputs: list[BlockInput], percdamp: float) -> None:

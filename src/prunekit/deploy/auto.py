@@ -68,6 +68,11 @@ def _timed(fn: Callable[[], Any], calls: int, cuda: bool) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def _calls_per_sample(fn: Callable[[], Any], sample_s: float, cuda: bool) -> int:
+    """How many back-to-back calls of ``fn`` last about ``sample_s`` (one timed call)."""
+    return max(1, int(sample_s / max(_timed(fn, 1, cuda), 1e-7)))
+
+
 def time_candidates(
     candidates: dict[str, nn.Module],
     x: torch.Tensor,
@@ -87,8 +92,7 @@ def time_candidates(
     cuda = x.is_cuda
     calls = {name: (lambda m=m: m(x)) for name, m in candidates.items()}
     with torch.inference_mode():
-        once = {name: _timed(fn, 1, cuda) for name, fn in calls.items()}
-        inner = {name: max(1, int(sample_s / max(t, 1e-7))) for name, t in once.items()}
+        inner = {name: _calls_per_sample(fn, sample_s, cuda) for name, fn in calls.items()}
         samples = max(min_samples, int(budget_s / sample_s))
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(samples):
@@ -106,8 +110,7 @@ def paired_samples(
     cuda = x.is_cuda
     with torch.inference_mode():
         calls = {model: (lambda m=model: m(x)) for model in (base, other)}
-        inner = {m: max(1, int(sample_s / max(_timed(fn, 1, cuda), 1e-7)))
-                 for m, fn in calls.items()}
+        inner = {m: _calls_per_sample(fn, sample_s, cuda) for m, fn in calls.items()}
         times: dict[nn.Module, list[float]] = {base: [], other: []}
         for i in range(pairs + 1):
             for model in (base, other) if i % 2 else (other, base):

@@ -122,7 +122,8 @@ class DenseStream:
             with _recording({n: stage[n] for n in record}) as sparse:
                 run(block, sparse_record, stop and stage[stop])
             for name in record:
-                hessian, shift = _sums(sums, name, sparse[name], dense[name])
+                _check_paired(name, sparse[name], dense[name])
+                hessian, shift = _sums(sums, name, _rows(sparse[name][0]))
                 for xs, xd in zip(sparse[name], dense[name], strict=True):
                     xs, xd = _rows(xs), _rows(xd)
                     hessian.addmm_(xs.T, xs)
@@ -144,9 +145,8 @@ class DenseStream:
             with _recording({name: layer}) as sparse:
                 sparse_out = run(block, sparse_record, None)
             assert dense_out is not None and sparse_out is not None
-            hessian, error = _sums(sums, name, sparse[name], sparse[name],
-                                   rows=dense_out.shape[-1])
             xs = _rows(sparse[name][0])
+            hessian, error = _sums(sums, name, xs, rows=dense_out.shape[-1])
             hessian.addmm_(xs.T, xs)
             error.addmm_(_rows(dense_out - sparse_out).T, xs)
         hessian, error = sums[name]
@@ -194,23 +194,27 @@ def _run_hooked(
         handle.remove()
 
 
-def _sums(
-    sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    name: str,
-    sparse: list[torch.Tensor],
-    dense: list[torch.Tensor],
-    rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``name``'s running ``(H, second statistic)``, zeros at first (the second is
-    ``rows x width``, square by default); refuses unpaired calls."""
+def _check_paired(name: str, sparse: list[torch.Tensor], dense: list[torch.Tensor]) -> None:
+    """Calls of a layer pair up in order only if both blocks ran it equally often."""
     if len(sparse) != len(dense) or not sparse:
         raise UnsupportedError(
             f"dense targets: {name!r} ran {len(sparse)} times in the pruned block but "
             f"{len(dense)} times in its dense copy; expected the same number, at least one"
         )
+
+
+def _sums(
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    name: str,
+    like: torch.Tensor,
+    rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``name``'s running ``(H, second statistic)``, zeros at first, sized by ``like``
+    (``tokens x width`` inputs): ``H`` is ``width x width``, the second ``rows x width``
+    (square by default)."""
     if name not in sums:
-        width = sparse[0].shape[-1]
-        zeros = torch.zeros(width, width, dtype=torch.float32, device=sparse[0].device)
-        second = torch.zeros(rows or width, width, dtype=torch.float32, device=zeros.device)
-        sums[name] = (zeros, second)
+        width = like.shape[-1]
+        hessian = torch.zeros(width, width, dtype=torch.float32, device=like.device)
+        second = torch.zeros(rows or width, width, dtype=torch.float32, device=like.device)
+        sums[name] = (hessian, second)
     return sums[name]

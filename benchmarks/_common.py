@@ -22,9 +22,16 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick`` (CI smoke sizes), ``--repeats``, ``--threads``, ``--seed``, ``--jobs``."""
+def parse_args(
+    description: str,
+    argv: Sequence[str] | None = None,
+    extra: Sequence[tuple[str, str]] = (),
+) -> argparse.Namespace:
+    """``--quick`` (CI smoke sizes), ``--repeats``, ``--threads``, ``--seed``, ``--jobs``,
+    and a benchmark's own string options ``extra`` (``(flag, help)``, default None)."""
     parser = argparse.ArgumentParser(description=description)
+    for flag, text in extra:
+        parser.add_argument(flag, default=None, help=text)
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -103,7 +110,7 @@ def write_results(
     RESULTS.mkdir(exist_ok=True)
     stem = f"{name}-quick" if quick else name
     payload = {"benchmark": name, "environment": environment(), "rows": rows, "notes": notes}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    results_json(name, quick).write_text(json.dumps(payload, indent=2, default=str))
     md = [f"# {name}", "", _env_line(payload["environment"]), ""]
     if notes:
         md += [notes, ""]
@@ -111,6 +118,16 @@ def write_results(
     path = RESULTS / f"{stem}.md"
     path.write_text("\n".join(md) + "\n")
     return path
+
+
+def results_json(name: str, quick: bool = False) -> Path:
+    """Where ``write_results`` writes ``name``'s rows."""
+    return RESULTS / f"{f'{name}-quick' if quick else name}.json"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file ``write_results`` wrote (none if there is no file)."""
+    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def _env_line(env: dict[str, Any]) -> str:

@@ -9,7 +9,10 @@ other 10%). Also reported: the peak resident memory added while pruning (Linux
 meaning). Each configuration also runs with ``dense_targets=True`` (layers fitted to the
 dense model's outputs). ``--jobs N`` runs configurations in N processes side by side
 (``--threads`` each); pruning times are then those of one process sharing the machine.
-Run: ``python -m benchmarks.oneshot [--quick] [--jobs 2 --threads 1]``.
+``--only "sparsegpt + dense targets@50%,..."`` re-measures those rows and keeps the
+others from the committed table (or from the ``--keep`` files: ``--only none --keep
+a.json,b.json`` merges two runs). Run: ``python -m benchmarks.oneshot [--quick] [--jobs 2
+--threads 1]``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 
 import prunekit
-from benchmarks._common import parse_args, write_results
+from benchmarks._common import parse_args, read_rows, results_json, write_results
 from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
 from prunekit.oneshot.data import (
     load_smollm2,
@@ -38,14 +41,15 @@ from prunekit.oneshot.data import (
     wiki_summaries,
 )
 
-FULL = {"calib_seqs": 64, "eval_seqs": 32, "seq_len": 512}
+FULL = {"calib_seqs": 128, "eval_seqs": 32, "seq_len": 512}
 QUICK = {"calib_seqs": 4, "eval_seqs": 2, "seq_len": 32}
-Run = tuple[str, str | None, bool]  # method, pattern, dense_targets
+Run = tuple[str, str | None, bool, bool]  # method, pattern, dense_targets, exact_update
 RUNS: list[Run] = [
-    (method, pattern, dense)
+    (method, pattern, dense, exact)
     for pattern in (None, "2:4")
-    for method, dense in (("magnitude", False), ("wanda", False), ("sparsegpt", False),
-                          ("wanda", True), ("sparsegpt", True))
+    for method, dense, exact in (
+        ("magnitude", False, False), ("wanda", False, False), ("sparsegpt", False, False),
+        ("wanda", True, False), ("sparsegpt", True, False), ("sparsegpt", True, True))
 ]
 MiB = 2**20
 
@@ -110,28 +114,37 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _label(method: str, dense_targets: bool) -> str:
-    return f"{method} + dense targets" if dense_targets else method
+def _label(method: str, dense_targets: bool, exact_update: bool = False) -> str:
+    extras = ["dense targets"] * dense_targets + ["exact update"] * exact_update
+    return " + ".join([method, *extras])
+
+
+def _key(run: Run) -> tuple[str, str]:
+    """The row's ``(method, sparsity)`` labels."""
+    method, pattern, dense_targets, exact_update = run
+    return _label(method, dense_targets, exact_update), pattern or "50%"
 
 
 def measure(run: Run, quick: bool, threads: int, dense_ppl: float) -> dict[str, Any]:
     """One pruning of a fresh copy of the model: its perplexity, time and peak memory."""
     torch.set_num_threads(threads)
-    method, pattern, dense_targets = run
+    method, pattern, dense_targets, exact_update = run
     model, calib, held_out = _setup(quick)
     pruned = copy.deepcopy(model)
     batches = None if method == "magnitude" else calib
     seconds, peak = timed_peak(lambda: prunekit.oneshot(
-        pruned, batches, method, pattern=pattern, dense_targets=dense_targets, progress=False))
+        pruned, batches, method, pattern=pattern, dense_targets=dense_targets,
+        exact_update=exact_update, progress=False))
     ppl = perplexity(pruned, held_out)
-    row = {"method": _label(method, dense_targets), "sparsity": pattern or "50%",
+    label, sparsity = _key(run)
+    row = {"method": label, "sparsity": sparsity,
            "perplexity": ppl, "x dense": ppl / dense_ppl, "prune s": seconds,
            "peak extra MiB": peak}
     print(row, flush=True)  # a long run shows its rows as they come
     return row
 
 
-def measure_all(quick: bool, jobs: int, threads: int) -> list[dict[str, Any]]:
+def measure_all(quick: bool, jobs: int, threads: int, runs: list[Run]) -> list[dict[str, Any]]:
     """The dense row, then every run; ``jobs > 1`` runs them in spawned processes (each
     loads the model once; the quick model is seeded, so every process builds the same)."""
     model, _, held_out = _setup(quick)
@@ -139,31 +152,75 @@ def measure_all(quick: bool, jobs: int, threads: int) -> list[dict[str, Any]]:
     rows = [{"method": "dense", "sparsity": "0%", "perplexity": dense_ppl, "x dense": 1.0,
              "prune s": 0.0, "peak extra MiB": 0.0}]
     if jobs <= 1:
-        return rows + [measure(run, quick, threads, dense_ppl) for run in RUNS]
+        return rows + [measure(run, quick, threads, dense_ppl) for run in runs]
     context = multiprocessing.get_context("spawn")
+    longest_first = sorted(runs, key=_cost, reverse=True)  # the processes finish together
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_seed,
                              initargs=(torch.initial_seed(),)) as pool:
-        n = len(RUNS)
-        return rows + list(pool.map(measure, RUNS, [quick] * n, [threads] * n, [dense_ppl] * n))
+        n = len(runs)
+        done = dict(zip(longest_first, pool.map(
+            measure, longest_first, [quick] * n, [threads] * n, [dense_ppl] * n), strict=True))
+    return rows + [done[run] for run in runs]
+
+
+def _cost(run: Run) -> int:
+    """A rough order of pruning times: dense targets double them, SparseGPT > Wanda."""
+    method, _, dense_targets, exact_update = run
+    return 2 * dense_targets + exact_update + {"magnitude": -2, "wanda": 0, "sparsegpt": 1}[method]
+
+
+def _selected(only: str | None) -> list[Run]:
+    """The runs ``--only`` names (``"method label@sparsity"``, comma-separated; ``none``:
+    no run), or all."""
+    if only is None:
+        return RUNS
+    if only == "none":
+        return []
+    wanted = [tuple(item.strip().rsplit("@", 1)) for item in only.split(",")]
+    known = {_key(run): run for run in RUNS}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"--only: unknown rows {unknown}; expected some of "
+                         f"{[f'{m}@{s}' for m, s in known]}")
+    return [known[w] for w in wanted]  # type: ignore[index]
+
+
+def merged(rows: list[dict[str, Any]], previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``previous`` rows with ``rows`` measured anew in their place, in ``RUNS`` order."""
+    by = {(r["method"], r["sparsity"]): r for r in previous} | {
+        (r["method"], r["sparsity"]): r for r in rows}
+    order = [("dense", "0%"), *map(_key, RUNS)]
+    return [by[key] for key in order if key in by]
 
 
 def verdicts(rows: list[dict[str, Any]]) -> str:
     by = {(r["method"], r["sparsity"]): r for r in rows}
     checks = []
-    for dense in (False, True):
-        sparsegpt, wanda = _label("sparsegpt", dense), _label("wanda", dense)
+    for wanda, sparsegpt in ((_label("wanda", False), _label("sparsegpt", False)),
+                             (_label("wanda", True), _label("sparsegpt", True)),
+                             (_label("wanda", True), _label("sparsegpt", True, True))):
+        if {(sparsegpt, "50%"), (wanda, "50%"), (sparsegpt, "2:4"), (wanda, "2:4")} - set(by):
+            continue  # a table of some rows only (--only)
         checks += [
             (f"{sparsegpt} 50% within 1.5x dense", by[(sparsegpt, "50%")]["x dense"] <= 1.5),
             (f"{wanda} 50% within 2x dense", by[(wanda, "50%")]["x dense"] <= 2.0),
             (f"2:4 {sparsegpt} below 2:4 {wanda}",
              by[(sparsegpt, "2:4")]["perplexity"] < by[(wanda, "2:4")]["perplexity"]),
         ]
-    return "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks)
+    unique = dict(checks)  # a Wanda row shared by two pairs is checked once
+    return "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in unique.items())
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    rows = measure_all(args.quick, args.jobs, args.threads)
+    args = parse_args(__doc__.splitlines()[0], extra=[
+        ("--only", "re-measure only these rows (comma-separated 'method label@sparsity', or "
+                   "'none'); the others are kept from --keep"),
+        ("--keep", "results .json files (comma-separated, later ones win) whose rows --only "
+                   "keeps; default: the committed results")])
+    rows = measure_all(args.quick, args.jobs, args.threads, _selected(args.only))
+    if args.only is not None:
+        keep = args.keep.split(",") if args.keep else [results_json("oneshot", args.quick)]
+        rows = merged(rows, [row for path in keep for row in read_rows(Path(path))])
     model, calib, _ = _setup(args.quick)
     sizes = QUICK if args.quick else FULL
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / MiB

@@ -1,5 +1,6 @@
 """Every benchmark runs once in its --quick mode (a smoke test; BENCH.md)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,24 @@ def test_benchmark_quick_mode_runs(name):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((ROOT / "benchmarks" / "results").glob(f"{name}*-quick.md")), result.stdout[-500:]
+
+
+def test_oneshot_only_re_measures_the_named_rows_and_keeps_the_others(tmp_path):
+    """``--only`` runs just its rows; ``--keep`` files give the others, later files win."""
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    row = {"perplexity": 1.0, "x dense": 1.0, "prune s": 0.0, "peak extra MiB": 0.0}
+    labels = [("dense", "0%"), ("wanda", "50%"), ("sparsegpt", "2:4")]
+    old.write_text(json.dumps({"rows": [{"method": m, "sparsity": s, **row} for m, s in labels]}))
+    new.write_text(json.dumps({"rows": [{"method": "wanda", "sparsity": "50%", **row,
+                                         "perplexity": 2.0}]}))
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.oneshot", "--quick", "--only", "sparsegpt@50%",
+         "--keep", f"{old},{new}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((ROOT / "benchmarks/results/oneshot-quick.json").read_text())["rows"]
+    by = {(r["method"], r["sparsity"]): r for r in rows}
+    assert list(by) == [("dense", "0%"), ("wanda", "50%"), ("sparsegpt", "50%"),
+                        ("sparsegpt", "2:4")]
+    assert by[("wanda", "50%")]["perplexity"] == 2.0
+    assert by[("sparsegpt", "2:4")]["perplexity"] == 1.0
+    assert by[("dense", "0%")]["perplexity"] > 1.0 and by[("sparsegpt", "50%")]["prune s"] > 0

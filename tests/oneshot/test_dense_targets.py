@@ -1,5 +1,5 @@
 """oneshot(dense_targets=True): every layer is refit towards the dense model's outputs
-before it is pruned (a residual branch's last layer towards the dense block's output);
+before it is pruned (a residual branch's last layer towards the dense residual sum);
 checked against manual computations with the ridge least-squares closed forms, exact
 sparsity and N:M, and a no-op at sparsity 0."""
 
@@ -50,19 +50,26 @@ def test_each_block_is_refit_to_dense_targets_then_pruned(method):
         torch.testing.assert_close(ours[0].weight, theirs[0].weight, rtol=1e-4, atol=1e-5)
 
 
-class Residual(nn.Module):
-    """``x + down(relu(up(x)))``: ``down`` adds to the block's output."""
+class TwoResiduals(nn.Module):
+    """``h = x + mid(relu(first(x)))``, then ``h + down(relu(up(tanh(h))))``: ``mid``
+    joins the residual sum ``norm`` reads, ``down`` the block's output (a Llama block's
+    ``o_proj`` and ``down_proj``); ``first`` and ``up`` join none."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.first, self.mid = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.norm, self.up, self.down = nn.Tanh(), nn.Linear(16, 32), nn.Linear(32, 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(torch.relu(self.up(x)))
+        h = x + self.mid(torch.relu(self.first(x)))
+        return h + self.down(torch.relu(self.up(self.norm(h))))
+
+    def middle(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mid(torch.relu(self.first(x)))
 
 
-def output_refit(weight: torch.Tensor, inputs: list, errors: list, percdamp: float = 0.01):
-    """argmin_V ||W X_s + (out_d - out_s) - V X_s||² + λ||V - W||²."""
+def sum_refit(weight: torch.Tensor, inputs: list, errors: list, percdamp: float = 0.01):
+    """argmin_V ||W X_s + (sum_d - sum_s) - V X_s||² + λ||V - W||²."""
     xs, err = torch.cat(inputs).double(), torch.cat(errors).double()
     h = xs.T @ xs
     lam = percdamp * float(h.diagonal().mean())
@@ -71,13 +78,14 @@ def output_refit(weight: torch.Tensor, inputs: list, errors: list, percdamp: flo
 
 
 @pytest.mark.parametrize("method", sorted(CALIBRATED))
-def test_a_residual_branch_is_fitted_to_the_dense_block_output(method):
-    """``up`` is refit layer-wise; ``down`` adds to the block's output, so it is refit
-    towards the dense block's output: it also absorbs the incoming residual error."""
+def test_residual_branches_are_fitted_to_the_dense_residual_sums(method):
+    """``first`` and ``up`` are refit layer-wise; ``mid`` towards the dense value of the
+    mid-block sum, ``down`` towards the dense block output: both also absorb the error
+    the residual stream carried in."""
     torch.manual_seed(4)
     batches = [torch.randn(64, 16) for _ in range(2)]
     torch.manual_seed(5)
-    model = nn.Sequential(Residual(), Residual())
+    model = nn.Sequential(TwoResiduals(), TwoResiduals())
     reference = copy.deepcopy(model)
     prunekit.oneshot(model, batches, method, blocks="", dense_targets=True, progress=False)
     manual, dense = copy.deepcopy(reference), reference
@@ -85,31 +93,41 @@ def test_a_residual_branch_is_fitted_to_the_dense_block_output(method):
     cls = CALIBRATED[method]
     for block, twin in zip(manual, dense, strict=True):
         with torch.no_grad():
-            block.up.weight.copy_(ridge_refit(block.up.weight, xs, xd))
-            prune_manually(cls, block.up, xs)
-            hidden = [torch.relu(block.up(x)) for x in xs]
+            block.first.weight.copy_(ridge_refit(block.first.weight, xs, xd))
+            prune_manually(cls, block.first, xs)
+            hidden = [torch.relu(block.first(x)) for x in xs]
+            errors = [twin.middle(d) - block.middle(x) for x, d in zip(xs, xd, strict=True)]
+            block.mid.weight.copy_(sum_refit(block.mid.weight, hidden, errors))
+            prune_manually(cls, block.mid, hidden)
+            normed = [torch.tanh(block.middle(x)) for x in xs]
+            block.up.weight.copy_(ridge_refit(
+                block.up.weight, normed, [torch.tanh(twin.middle(d)) for d in xd]))
+            prune_manually(cls, block.up, normed)
+            hidden = [torch.relu(block.up(n)) for n in normed]
             errors = [twin(d) - block(x) for x, d in zip(xs, xd, strict=True)]
-            block.down.weight.copy_(output_refit(block.down.weight, hidden, errors))
-        prune_manually(cls, block.down, hidden)
-        with torch.no_grad():
+            block.down.weight.copy_(sum_refit(block.down.weight, hidden, errors))
+            prune_manually(cls, block.down, hidden)
             xs, xd = [block(x) for x in xs], [twin(x) for x in xd]
     for ours, theirs in zip(model, manual, strict=True):
-        for name in ("up", "down"):
+        for name in ("first", "mid", "up", "down"):
             torch.testing.assert_close(getattr(ours, name).weight, getattr(theirs, name).weight,
                                        rtol=1e-4, atol=1e-5)
 
 
-def test_adds_to_output_is_checked_on_the_block():
-    from prunekit.oneshot.dense_targets import adds_to_output
+def test_residual_sinks_are_found_on_the_block():
+    from prunekit.oneshot.dense_targets import residual_sink
     from prunekit.oneshot.engine import BlockInput, _hidden_until
 
     record = BlockInput((torch.randn(4, 16),), {})
-    block = Residual()
-    assert adds_to_output(block, block.down, record, _hidden_until)
-    assert not adds_to_output(block, block.up, record, _hidden_until)  # through relu and down
+    block = TwoResiduals()
+    sinks = {name: residual_sink(block, getattr(block, name), record, _hidden_until)
+             for name in ("first", "mid", "up", "down")}
+    assert sinks == {"first": None, "mid": "norm", "up": None, "down": ""}
+    alone = nn.Sequential(nn.Linear(16, 16), nn.Dropout(), nn.Tanh())  # dropout reads no sum
+    assert residual_sink(alone.eval(), alone[0], record, _hidden_until) is None
     twice = nn.Sequential(block.up, nn.ReLU(), block.down, nn.Linear(16, 32), nn.ReLU(),
                           block.down)
-    assert not adds_to_output(twice, block.down, record, _hidden_until)
+    assert residual_sink(twice, block.down, record, _hidden_until) is None
 
 
 @pytest.mark.parametrize("method", sorted(CALIBRATED))

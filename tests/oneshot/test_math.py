@@ -11,6 +11,7 @@ from prunekit.errors import ConfigError
 from prunekit.masks import lowest_k
 from prunekit.sparsifier.oneshot_math import (
     damped_inverse_cholesky,
+    masked_least_squares,
     prune_count,
     row_keep_mask,
     sparsegpt_prune,
@@ -180,3 +181,44 @@ def test_block_selection_drops_the_lowest_obs_errors():
     w = torch.tensor([[4.0, 1.0, 3.0, 2.0]])
     _, keep = sparsegpt_prune(w, torch.eye(4), 0.5, blocksize=4)
     assert torch.equal(keep, ~lowest_k(w.square(), 2))
+
+
+def damped(x: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """``XᵀX + λI`` with SparseGPT's damping, the Hessian its solutions are exact for."""
+    u = damped_inverse_cholesky(x.T @ x, percdamp)
+    return torch.cholesky_inverse(u.double(), upper=True)
+
+
+def objective(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    delta = (w_hat - w).double()
+    return float((delta @ h * delta).sum())
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_masked_least_squares_is_the_exact_solution_per_row(nm):
+    """Every row solved directly (``H[S, S] ŵ_S = (H w)_S`` on its kept set ``S``) is
+    what CG reaches from SparseGPT's solution, with the same mask and exact zeros: at the
+    default tolerance in objective, at a tight one in every weight."""
+    x, w = correlated(512, 32), torch.randn(12, 32)
+    obs, keep = sparsegpt_prune(w, x.T @ x, 0.5, nm)
+    h = damped(x)
+    oracle = torch.zeros(12, 32, dtype=torch.float64)
+    for i, kept in enumerate(keep):
+        oracle[i, kept] = torch.linalg.solve(h[kept][:, kept], (h @ w[i].double())[kept])
+    exact = masked_least_squares(obs, w, h, keep)
+    assert torch.equal(exact != 0, keep)
+    best = objective(w, oracle, h)
+    assert best <= objective(w, exact, h) <= best * (1 + 1e-5) < 0.8 * objective(w, obs, h)
+    tight = masked_least_squares(obs, w, h, keep, tol=1e-6)
+    torch.testing.assert_close(tight.double(), oracle, rtol=1e-3, atol=2e-4)
+
+
+def test_masked_least_squares_leaves_an_optimum_and_empty_rows_alone():
+    x, w = correlated(256, 16, seed=1), torch.randn(4, 16)
+    h = damped(x)
+    keep = torch.rand(4, 16) > 0.5
+    keep[2] = False  # a row with nothing kept stays zero, no NaN
+    once = masked_least_squares(w * keep, w, h, keep, tol=1e-7)
+    again = masked_least_squares(once, w, h, keep, tol=1e-7)
+    assert bool(torch.isfinite(again).all()) and not bool(again[2].any())
+    torch.testing.assert_close(again, once, rtol=1e-4, atol=1e-5)

@@ -194,6 +194,8 @@ BAD = [
     ({"blocks": "model.embed_tokens"}, ConfigError, "is a Embedding; expected a non-empty"),
     ({"blocks": "model.stack"}, FqnError, "blocks='model.stack': no such module"),
     ({"percdamp": -1.0}, ConfigError, "percdamp > 0"),
+    ({"exact_update": True, "method": "wanda"}, ConfigError, "exact_update refines SparseGPT"),
+    ({"exact_update": "yes"}, ConfigTypeError, "exact_update must be a bool, got 'yes'"),
     ({"pattern": "1:3", "method": "magnitude"}, ConfigError, "multiple of 3, got 32"),
 ]
 

@@ -90,6 +90,20 @@ def test_layer_error_order_through_the_classes():
     assert errors[0] < errors[1] < errors[2], errors
 
 
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_exact_update_keeps_the_obs_mask_and_lowers_the_layer_error(pattern):
+    x = correlated(1024, 32)
+    dense = mlp()[0].weight.detach().clone()
+    weights = {}
+    for exact in (False, True):
+        model = nn.Sequential(nn.Linear(32, 16, bias=False))
+        model[0].weight.data.copy_(dense)
+        prune(SparseGPTSparsifier, model, x, pattern=pattern, exact_update=exact).squash_mask()
+        weights[exact] = model[0].weight.detach()
+    assert torch.equal(weights[True] != 0, weights[False] != 0)
+    assert rel_error(x, dense, weights[True]) < 0.95 * rel_error(x, dense, weights[False])
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_statistics_add_up_and_are_freed(cls):
     model = mlp()
@@ -205,6 +219,8 @@ def test_sparsegpt_settings():
         SparseGPTSparsifier(percdamp=0.0)
     with pytest.raises(ConfigTypeError, match="blocksize must be an int"):
         SparseGPTSparsifier(blocksize=1.5)
+    with pytest.raises(ConfigTypeError, match="exact_update must be a bool, got 1"):
+        SparseGPTSparsifier(exact_update=1)
 
 
 @pytest.mark.parametrize("cls", CLASSES)

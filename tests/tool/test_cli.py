@@ -251,7 +251,7 @@ def test_structured_stage_through_a_recipe(tmp_path, capsys):
     assert text.splitlines()[0].split()[:2] == ["model", "params"]
 
 
-@pytest.mark.parametrize("extra", ["", ", dense_targets: true"])
+@pytest.mark.parametrize("extra", ["", ", dense_targets: true, exact_update: true"])
 def test_oneshot_stage_with_calibration_data(tmp_path, capsys, extra):
     save_file({"inputs": torch.randn(16, 1, 8, 8)}, str(tmp_path / "c.safetensors"))
     recipe = tmp_path / "r.yaml"

@@ -120,10 +120,14 @@ def _magnitude(model: nn.Module, entries: dict[str, Target]) -> None:
 
 
 def _sparsifier(
-    method: str, target: Target, blocksize: int, percdamp: float
+    method: str, target: Target, blocksize: int, percdamp: float, exact_update: bool
 ) -> CalibratedSparsifier | None:
+    if exact_update and method != "sparsegpt":
+        raise ConfigError(f"oneshot(method={method!r}): exact_update refines SparseGPT's "
+                          "weight update; the other methods make none")
     if method == "sparsegpt":
-        return SparseGPTSparsifier(target[0], target[1], blocksize=blocksize, percdamp=percdamp)
+        return SparseGPTSparsifier(target[0], target[1], blocksize=blocksize, percdamp=percdamp,
+                                   exact_update=exact_update)
     if method == "wanda":
         return WandaSparsifier(target[0], target[1])
     return None
@@ -142,6 +146,7 @@ def oneshot(
     blocksize: int = 128,
     percdamp: float = 0.01,
     dense_targets: bool = False,
+    exact_update: bool = False,
     progress: bool = True,
 ) -> dict[str, float]:
     """Prune ``model`` in place, block by block, and return each layer's sparsity.
@@ -160,7 +165,8 @@ def oneshot(
     its own on the pruned model's inputs (see ``prunekit.oneshot.dense_targets``): the
     error of earlier layers is partly undone, at the cost of one more forward per stage
     and the dense hidden states kept beside the pruned ones. ``percdamp`` damps its
-    least-squares refit too.
+    least-squares refit too. ``exact_update=True`` (SparseGPT only) solves the kept
+    weights of every layer exactly for the mask OBS chose (see ``SparseGPTSparsifier``).
 
     >>> import prunekit, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
@@ -172,7 +178,7 @@ def oneshot(
     if method not in METHODS:
         raise ConfigError(f"oneshot: method must be one of {METHODS}, got {method!r}")
     target = _target(f"oneshot(method={method!r})", sparsity, pattern)
-    sparsifier = _sparsifier(method, target, blocksize, percdamp)
+    sparsifier = _sparsifier(method, target, blocksize, percdamp, exact_update)
     stack = resolve_blocks(model, blocks)
     per_block = resolve_layers(model, stack, layers)
     entries = _entries(model, [n for names in per_block.values() for n in names], target, overrides)

@@ -15,12 +15,14 @@ minimises the dense-target error. The refit is damped towards ``W`` (ridge):
 ``W' = W + W (C - H)(H + λI)⁻¹``, which is ``W`` itself, bit for bit, where the two
 streams agree.
 
-A block's last layer whose output the block adds to its result (a residual branch:
-``down_proj``) is fitted to the dense *block* output instead: with ``E = Σ (out_d -
-out_s) x_sᵀ``, ``W' = W + E (H + λI)⁻¹`` moves its output by the block's whole remaining
-error, including what the residual stream carried in from earlier blocks, as far as its
-inputs can explain it. The cost: a dense copy of one block and the dense hidden states
-run alongside (one more forward per stage), and one more statistic per stage.
+A layer whose output joins a residual sum (``o_proj``: its output plus the block's
+input is what ``post_attention_layernorm`` reads; ``down_proj``: its output plus that sum
+is the block's output) is fitted to the dense model's value of that *sum* instead: with
+``E = Σ (sum_d - sum_s) x_sᵀ``, ``W' = W + E (H + λI)⁻¹`` moves its output by the whole
+remaining error of the residual stream, including what it carried in from earlier
+blocks, as far as the layer's inputs can explain it. The cost: a dense copy of one block
+and the dense hidden states run alongside (one more forward per stage), and one more
+statistic per stage.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,7 +43,7 @@ from prunekit.sparsifier.oneshot_math import damped_cholesky
 if TYPE_CHECKING:
     from prunekit.oneshot.engine import BlockInput
 
-__all__ = ["DenseStream", "adds_to_output"]
+__all__ = ["DenseStream", "residual_sink"]
 
 
 @contextmanager
@@ -98,19 +101,19 @@ class DenseStream:
         shared_input: bool,
         inputs: list[BlockInput],
         run: Runner,
-        to_output: bool = False,
+        sink: str | None = None,
     ) -> None:
         """Refit the layers of ``stage`` (``{fqn: module}`` of the pruned ``block``) to
         dense targets. ``shared_input``: the layers read one input tensor (q/k/v), so one
         statistic serves them all and forwards end at the last one's input.
-        ``to_output``: the stage is one layer whose output the block adds to its result
-        (see ``adds_to_output``), fitted to the dense **block** output instead, so that
-        it also absorbs the error the residual stream brought in. The forwards of
-        ``block`` are the ones a sparsifier calibrating it sees."""
+        ``sink``: the stage is one layer whose output joins a residual sum there (see
+        ``residual_sink``), fitted to the dense value of that sum instead, so that it also
+        absorbs the error the residual stream brought in. The forwards of ``block`` are
+        the ones a sparsifier calibrating it sees."""
         assert self.block is not None, "begin() first"
         names = list(stage)
-        if to_output:
-            self._fit_block_output(block, names[0], stage[names[0]], inputs, run)
+        if sink is not None:
+            self._fit_to_sum(block, names[0], stage[names[0]], sink, inputs, run)
             return
         record = names[:1] if shared_input else names
         stop = names[-1] if shared_input else None
@@ -133,22 +136,31 @@ class DenseStream:
             weight = _original(stage[name])
             _apply(weight, weight.double() @ shift.double(), hessian, self.percdamp)
 
-    def _fit_block_output(
-        self, block: nn.Module, name: str, layer: nn.Module, inputs: list[BlockInput], run: Runner
+    def _fit_to_sum(
+        self,
+        block: nn.Module,
+        name: str,
+        layer: nn.Module,
+        sink: str,
+        inputs: list[BlockInput],
+        run: Runner,
     ) -> None:
-        """``W' = W + E (H + λI)⁻¹`` with ``E = Σ (out_d - out_s) x_sᵀ``: the layer's
-        output moves by the block's remaining error, as far as its inputs can explain."""
+        """``W' = W + E (H + λI)⁻¹`` with ``E = Σ (sum_d - sum_s) x_sᵀ``: the layer's
+        output moves by the residual stream's remaining error at ``sink``, as far as its
+        inputs can explain it."""
         assert self.block is not None, "begin() first"
         sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        where = f"{self.prefix}{sink}" if sink else self.prefix.rstrip(".") or "the block"
         for sparse_record, dense_record in zip(inputs, self.inputs, strict=True):
-            dense_out = run(self.block, dense_record, None)
-            with _recording({name: layer}) as sparse:
-                sparse_out = run(block, sparse_record, None)
-            assert dense_out is not None and sparse_out is not None
-            xs = _rows(sparse[name][0])
-            hessian, error = _sums(sums, name, xs, rows=dense_out.shape[-1])
-            hessian.addmm_(xs.T, xs)
-            error.addmm_(_rows(dense_out - sparse_out).T, xs)
+            dense_sum, _ = _sums_at(self.block, sink, dense_record, run)
+            sparse_sum, seen = _sums_at(block, sink, sparse_record, run, layer)
+            _check_paired(where, sparse_sum, dense_sum)
+            _check_paired(name, seen, sparse_sum)
+            for x, target, value in zip(seen, dense_sum, sparse_sum, strict=True):
+                xs = _rows(x)
+                hessian, error = _sums(sums, name, xs, rows=target.shape[-1])
+                hessian.addmm_(xs.T, xs)
+                error.addmm_(_rows(target - value).T, xs)
         hessian, error = sums[name]
         _apply(_original(layer), error.double(), hessian, self.percdamp)
 
@@ -168,30 +180,87 @@ def _apply(weight: torch.Tensor, shift: torch.Tensor, hessian: torch.Tensor, per
     weight.copy_((weight.double() + delta).to(weight.dtype))
 
 
-def adds_to_output(block: nn.Module, layer: nn.Module, record: BlockInput, run: Runner) -> bool:
-    """Whether ``block``'s output is something plus ``layer``'s output, checked on one
-    batch by running the block again with that output replaced by zeros. A layer run
-    more than once, or whose output shape differs from the block's, does not count."""
-    outputs: list[torch.Tensor] = []
-    full = _run_hooked(block, record, run, layer, lambda _m, _a, out: outputs.append(out))
-    if len(outputs) != 1 or full is None or outputs[0].shape != full.shape:
-        return False
-    without = _run_hooked(block, record, run, layer, lambda _m, _a, out: torch.zeros_like(out))
-    assert without is not None
-    scale = float(full.abs().max()) + 1e-12
-    return bool(torch.allclose(full - without, outputs[0], rtol=1e-4, atol=1e-5 * scale))
+def _sums_at(
+    block: nn.Module, sink: str, record: BlockInput, run: Runner, layer: nn.Module | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The residual sum at ``sink`` in one forward of ``block`` (the input of the module
+    of that name, ended there; ``""``: the block's output), and ``layer``'s inputs."""
+    watch = {} if layer is None else {"layer": layer}
+    stop = block.get_submodule(sink) if sink else None
+    if stop is not None:
+        watch["sum"] = stop
+    with _recording(watch) as seen:
+        output = run(block, record, stop)
+    values = seen["sum"] if stop is not None else [] if output is None else [output]
+    return values, seen.get("layer", [])
 
 
-def _run_hooked(
-    block: nn.Module, record: BlockInput, run: Runner, layer: nn.Module, hook: Callable
-) -> torch.Tensor | None:
-    """``run`` the whole block without autograd, with a forward ``hook`` on ``layer``."""
-    handle = layer.register_forward_hook(hook)
+@dataclass
+class _Probe:
+    """One forward of a block watched around one of its layers."""
+
+    outputs: list[torch.Tensor]  # the layer's, per call
+    later: dict[str, list[torch.Tensor]]  # inputs of the modules called after it
+    result: torch.Tensor | None  # the block's hidden states
+
+
+def _probe(block: nn.Module, layer: nn.Module, record: BlockInput, run: Runner, zero: bool
+           ) -> _Probe:  # fmt: skip
+    """Run ``block`` without autograd, recording ``layer``'s outputs (replaced by zeros
+    if ``zero``) and the first input of every module called after it."""
+    probe = _Probe([], {}, None)
+
+    def after(_m: nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
+        probe.outputs.append(out)
+        return torch.zeros_like(out) if zero else out
+
+    def before(_m: nn.Module, args: tuple, name: str) -> None:
+        if probe.outputs and args and isinstance(args[0], torch.Tensor):
+            probe.later.setdefault(name, []).append(args[0].detach().clone())
+
+    handles = [layer.register_forward_hook(after)] + [
+        module.register_forward_pre_hook(lambda m, a, name=name: before(m, a, name))
+        for name, module in block.named_modules() if module is not block and module is not layer
+    ]
     try:
         with torch.no_grad():
-            return run(block, record, None)
+            probe.result = run(block, record, None)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    return probe
+
+
+def residual_sink(block: nn.Module, layer: nn.Module, record: BlockInput, run: Runner
+                  ) -> str | None:  # fmt: skip
+    """Where ``layer``'s output joins a residual sum: the name (in ``block``) of the
+    first module called after it whose input is that sum, ``""`` if the sum is the
+    block's output, None if there is none. Checked on one batch by running the block
+    again with the layer's output replaced by zeros: a sum moves by exactly that output.
+    The input of a module that is the layer's output alone (a dropout) is no sum; a
+    layer run more than once has none."""
+    full = _probe(block, layer, record, run, zero=False)
+    if len(full.outputs) != 1:
+        return None
+    without = _probe(block, layer, record, run, zero=True)
+    out = full.outputs[0]
+    for name, values in full.later.items():
+        others = without.later.get(name, [])
+        if len(values) == len(others) == 1 and _adds(values[0], others[0], out) and bool(
+                others[0].abs().max() > 1e-6 * (values[0].abs().max() + 1e-12)):
+            return name
+    if full.result is not None and without.result is not None and _adds(
+            full.result, without.result, out):
+        return ""
+    return None
+
+
+def _adds(value: torch.Tensor, without: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``value`` is ``without`` plus ``out``."""
+    if value.shape != out.shape or without.shape != out.shape:
+        return False
+    scale = float(value.abs().max()) + 1e-12
+    return bool(torch.allclose(value - without, out, rtol=1e-4, atol=1e-5 * scale))
 
 
 def _check_paired(name: str, sparse: list[torch.Tensor], dense: list[torch.Tensor]) -> None:

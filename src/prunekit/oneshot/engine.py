@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from prunekit.errors import ConfigError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
-from prunekit.oneshot.dense_targets import DenseStream, adds_to_output
+from prunekit.oneshot.dense_targets import DenseStream, residual_sink
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = ["BlockInput", "call_model", "capture_inputs", "inference_context", "run_sequential"]
@@ -198,21 +198,20 @@ def _calibrate_stage(
     shared_input: bool,
     inputs: list[BlockInput],
     dense: DenseStream | None,
-    last: bool,
 ) -> None:
     """Collect the statistics of one stage. ``shared_input``: its layers read one input,
     so only the first layer's statistic is computed (the others get the same tensor)
     and forwards stop at the last layer's input; otherwise they are full forwards.
-    With ``dense``, the same forwards also refit the stage to dense targets; the
-    block's ``last`` stage, if it is one layer adding to the block's output, to the
-    dense block output (see ``DenseStream.refit``)."""
+    With ``dense``, the same forwards also refit the stage to dense targets; a stage of
+    one layer whose output joins a residual sum, to the dense value of that sum (see
+    ``DenseStream.refit``)."""
     names = list(stage)
     first = [f"{n}.weight" for n in (names[:1] if shared_input else names)]
-    to_output = (dense is not None and last and len(names) == 1
-                 and adds_to_output(block, stage[names[0]], inputs[0], _hidden_until))
+    sink = (residual_sink(block, stage[names[0]], inputs[0], _hidden_until)
+            if dense is not None and len(names) == 1 else None)
     with sparsifier.calibrate(first):
         if dense is not None:
-            dense.refit(block, stage, shared_input, inputs, _hidden_until, to_output)
+            dense.refit(block, stage, shared_input, inputs, _hidden_until, sink)
         else:
             stop_at = stage[names[-1]] if shared_input else None
             for record in inputs:
@@ -253,10 +252,9 @@ def run_sequential(
             dense.begin(fqn, block)
         if by_name:
             stages = _stages(block, by_name, inputs[0])
-            for i, stage in enumerate(stages):
+            for stage in stages:
                 modules = {name: by_name[name] for name in stage}
-                _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense,
-                                 last=i == len(stages) - 1)
+                _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense)
                 sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
         if index + 1 < len(blocks):
             _advance(block, inputs, fqn)

@@ -1,5 +1,6 @@
 """Pure tensor functions of one-shot pruning: Wanda scores, N:M and per-row selection,
-and the SparseGPT layer-wise reconstruction (OBS over column blocks).
+the SparseGPT layer-wise reconstruction (OBS over column blocks) and its exact masked
+least-squares refinement.
 
 No modules and no state: every function maps tensors to tensors, so each is tested
 alone. Weights are ``(out, in)`` matrices acting on the last dimension of the input;
@@ -18,6 +19,7 @@ from prunekit.masks import nm_mask
 __all__ = [
     "damped_cholesky",
     "damped_inverse_cholesky",
+    "masked_least_squares",
     "prune_count",
     "row_keep_mask",
     "sparsegpt_prune",
@@ -247,3 +249,47 @@ def sparsegpt_reconstruct(
         wt[end:].addmm_(hinv_upper[start:end, end:].T, errors, alpha=-1.0)
     wt.masked_fill_(pruned, 0.0)
     return wt.T.contiguous(), (~pruned).T.contiguous()
+
+
+def masked_least_squares(
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    hessian: torch.Tensor,
+    keep: torch.Tensor,
+    max_iters: int = 100,
+    tol: float = 1e-4,
+) -> torch.Tensor:
+    """The kept weights that minimise ``tr((Ŵ - T) H (Ŵ - T)ᵀ)`` exactly, with ``Ŵ`` zero
+    where ``keep`` is False: what SparseGPT's OBS pass only approximates (it moves the
+    weights to the right of each pruned one, never those to its left).
+
+    Every row is its own problem ``H[S, S] ŵ_S = (H t)_S``; all rows are solved at once
+    by conjugate gradients with a Jacobi preconditioner, warm-started at ``weight`` (the
+    OBS solution), in float32, until every row's residual is below ``tol`` times its
+    right-hand side or ``max_iters``. ``hessian`` must be positive definite (damped).
+    The objective never rises: each CG step lowers it for every row.
+    """
+    h = hessian.to(torch.float32)
+    mask = keep.to(torch.float32)
+    w = weight.to(torch.float32) * mask
+    rhs = (target.to(torch.float32) @ h) * mask
+    residual = rhs - (w @ h) * mask
+    inverse_diag = mask / h.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
+    z = residual * inverse_diag
+    direction = z.clone()
+    rz = (residual * z).sum(1, keepdim=True)
+    limit = tol * rhs.norm(dim=1, keepdim=True)
+    for _ in range(max_iters):
+        if bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
+            break
+        product = (direction @ h) * mask
+        curvature = (direction * product).sum(1, keepdim=True)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), 0.0)
+        w.addcmul_(alpha, direction)
+        residual.addcmul_(alpha, product, value=-1.0)
+        z = residual * inverse_diag
+        rz_next = (residual * z).sum(1, keepdim=True)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), 0.0)
+        direction = z + beta * direction
+        rz = rz_next
+    return w

@@ -12,7 +12,11 @@ from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
-from prunekit.sparsifier.oneshot_math import damped_inverse_cholesky, sparsegpt_reconstruct
+from prunekit.sparsifier.oneshot_math import (
+    damped_inverse_cholesky,
+    masked_least_squares,
+    sparsegpt_reconstruct,
+)
 
 __all__ = ["SparseGPTSparsifier"]
 
@@ -25,6 +29,11 @@ class SparseGPTSparsifier(CalibratedSparsifier):
     ``percdamp * mean(diag H)`` to the diagonal (more is tried if the Hessian is still
     singular); ``blocksize`` columns are solved together with lazy updates. ``step()``
     writes the reconstructed weights into the original parameter.
+
+    ``exact_update=True`` keeps the mask the OBS pass chose and then solves the kept
+    weights exactly (``masked_least_squares``, conjugate gradients on the damped
+    Hessian): OBS moves only the weights to the right of each pruned one, so its layer
+    error is above the least-squares optimum for the same mask.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 4))
@@ -42,9 +51,11 @@ class SparseGPTSparsifier(CalibratedSparsifier):
         pattern: Pattern = None,
         blocksize: int = 128,
         percdamp: float = 0.01,
+        exact_update: bool = False,
     ) -> None:
         super().__init__(
-            sparsity_level=sparsity_level, pattern=pattern, blocksize=blocksize, percdamp=percdamp
+            sparsity_level=sparsity_level, pattern=pattern, blocksize=blocksize,
+            percdamp=percdamp, exact_update=exact_update,
         )
 
     def validate_group(self, group: dict[str, Any]) -> None:
@@ -55,6 +66,9 @@ class SparseGPTSparsifier(CalibratedSparsifier):
             raise ConfigTypeError(f"{where}: blocksize must be an int, got {blocksize!r}")
         if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real):
             raise ConfigTypeError(f"{where}: percdamp must be a number, got {percdamp!r}")
+        if not isinstance(group.get("exact_update", False), bool):
+            raise ConfigTypeError(
+                f"{where}: exact_update must be a bool, got {group['exact_update']!r}")
         if blocksize < 1 or not percdamp > 0:
             raise ConfigError(
                 f"{where}: need blocksize >= 1 and percdamp > 0, got {blocksize}, {percdamp}"
@@ -82,6 +96,7 @@ class SparseGPTSparsifier(CalibratedSparsifier):
         pattern: Pattern,
         statistic: torch.Tensor,
         blocksize: int,
+        exact_update: bool = False,
         **kwargs: Any,
     ) -> None:
         nm = parse_pattern(type(self).__name__, pattern)
@@ -89,5 +104,8 @@ class SparseGPTSparsifier(CalibratedSparsifier):
             return  # nothing to prune: leave the weights bit for bit
         original = self._original(module, tensor_name)
         weight, keep = sparsegpt_reconstruct(original, statistic, sparsity_level, nm, blocksize)
+        if exact_update:
+            hessian = torch.cholesky_inverse(statistic, upper=True)  # the damped H itself
+            weight = masked_least_squares(weight, original.detach(), hessian, keep)
         original.copy_(weight.to(original.dtype))
         self.state[kwargs["tensor_fqn"]]["mask"].copy_(keep)

@@ -83,6 +83,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "method": Field("str", default="sparsegpt", choices=("sparsegpt", "wanda", "magnitude")),
         "sparsity": Field("number", required=True, low=0.0, high=1.0),
         "dense_targets": Field("bool", default=False),
+        "exact_update": Field("bool", default=False),
     },
 }
 STAGE_TYPES = ("unstructured", "structured", "oneshot")

@@ -49,7 +49,8 @@ RUNS: list[Run] = [
     for pattern in (None, "2:4")
     for method, dense, exact in (
         ("magnitude", False, False), ("wanda", False, False), ("sparsegpt", False, False),
-        ("wanda", True, False), ("sparsegpt", True, False), ("sparsegpt", True, True))
+        ("admm", False, False), ("wanda", True, False), ("sparsegpt", True, False),
+        ("sparsegpt", True, True), ("admm", True, False))
 ]
 MiB = 2**20
 
@@ -166,7 +167,8 @@ def measure_all(quick: bool, jobs: int, threads: int, runs: list[Run]) -> list[d
 def _cost(run: Run) -> int:
     """A rough order of pruning times: dense targets double them, SparseGPT > Wanda."""
     method, _, dense_targets, exact_update = run
-    return 2 * dense_targets + exact_update + {"magnitude": -2, "wanda": 0, "sparsegpt": 1}[method]
+    return 2 * dense_targets + exact_update + {"magnitude": -2, "wanda": 0, "sparsegpt": 1,
+                                                     "admm": 1}[method]
 
 
 def _selected(only: str | None) -> list[Run]:
@@ -197,8 +199,10 @@ def verdicts(rows: list[dict[str, Any]]) -> str:
     by = {(r["method"], r["sparsity"]): r for r in rows}
     checks = []
     for wanda, sparsegpt in ((_label("wanda", False), _label("sparsegpt", False)),
+                             (_label("wanda", False), _label("admm", False)),
                              (_label("wanda", True), _label("sparsegpt", True)),
-                             (_label("wanda", True), _label("sparsegpt", True, True))):
+                             (_label("wanda", True), _label("sparsegpt", True, True)),
+                             (_label("wanda", True), _label("admm", True))):
         if {(sparsegpt, "50%"), (wanda, "50%"), (sparsegpt, "2:4"), (wanda, "2:4")} - set(by):
             continue  # a table of some rows only (--only)
         checks += [

@@ -31,6 +31,7 @@ from prunekit.oneshot import oneshot
 from prunekit.parametrization import FakeSparsity, module_contains_param
 from prunekit.scheduler import BaseScheduler, CubicSL, LambdaSL
 from prunekit.sparsifier import (
+    AdmmSparsifier,
     BaseSparsifier,
     NearlyDiagonalSparsifier,
     SparseGPTSparsifier,
@@ -43,6 +44,7 @@ from prunekit.tool.checkpoint import load, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdmmSparsifier",
     "BaseScheduler",
     "BaseSparsifier",
     "ConfigError",

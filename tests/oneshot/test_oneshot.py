@@ -19,7 +19,7 @@ from tests.helpers import assert_unchanged, prune_manually, snapshot, stack_of_b
 
 transformers = pytest.importorskip("transformers")
 
-METHODS = ["sparsegpt", "wanda", "magnitude"]
+METHODS = ["sparsegpt", "admm", "wanda", "magnitude"]
 
 
 def linears(model: nn.Module, stack: str = "model.layers") -> dict[str, nn.Linear]:
@@ -76,6 +76,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_the_model_output(llama, batche
         with torch.no_grad():
             errors[method] = float((model(batches[0]).logits - dense).norm())
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+    assert errors["admm"] < errors["wanda"], errors
 
 
 def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypatch):
@@ -195,6 +196,8 @@ BAD = [
     ({"blocks": "model.stack"}, FqnError, "blocks='model.stack': no such module"),
     ({"percdamp": -1.0}, ConfigError, "percdamp > 0"),
     ({"exact_update": True, "method": "wanda"}, ConfigError, "exact_update refines SparseGPT"),
+    ({"exact_update": True, "method": "admm"}, ConfigError, "exact_update refines SparseGPT"),
+    ({"method": "admm", "percdamp": 0}, ConfigError, "need percdamp > 0, got 0"),
     ({"exact_update": "yes"}, ConfigTypeError, "exact_update must be a bool, got 'yes'"),
     ({"pattern": "1:3", "method": "magnitude"}, ConfigError, "multiple of 3, got 32"),
 ]

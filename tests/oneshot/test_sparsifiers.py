@@ -1,4 +1,5 @@
-"""WandaSparsifier and SparseGPTSparsifier: prepare → calibrate → step → squash_mask."""
+"""WandaSparsifier, SparseGPTSparsifier and AdmmSparsifier: prepare → calibrate → step →
+squash_mask."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit import SparseGPTSparsifier, WandaSparsifier, WeightNormSparsifier
+from prunekit import AdmmSparsifier, SparseGPTSparsifier, WandaSparsifier, WeightNormSparsifier
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateError, UnsupportedError
 from tests.helpers import assert_unchanged, snapshot
 from tests.oneshot.test_math import correlated, rel_error
 
-CLASSES = [WandaSparsifier, SparseGPTSparsifier]
+CLASSES = [WandaSparsifier, SparseGPTSparsifier, AdmmSparsifier]
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
@@ -65,7 +66,8 @@ def test_per_layer_overrides_in_the_config():
 def test_sparsegpt_rewrites_kept_weights_wanda_does_not():
     x = correlated(256, 32)
     dense = mlp()[0].weight.detach().clone()
-    for cls, updates in ((WandaSparsifier, False), (SparseGPTSparsifier, True)):
+    for cls, updates in ((WandaSparsifier, False), (SparseGPTSparsifier, True),
+                         (AdmmSparsifier, True)):
         model = nn.Sequential(nn.Linear(32, 16))
         model[0].weight.data.copy_(dense)
         prune(cls, model, x).squash_mask()
@@ -102,6 +104,19 @@ def test_exact_update_keeps_the_obs_mask_and_lowers_the_layer_error(pattern):
         weights[exact] = model[0].weight.detach()
     assert torch.equal(weights[True] != 0, weights[False] != 0)
     assert rel_error(x, dense, weights[True]) < 0.95 * rel_error(x, dense, weights[False])
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_admm_layer_error_below_exact_sparsegpt(pattern):
+    x = correlated(1024, 32)
+    dense = mlp()[0].weight.detach().clone()
+    errors = []
+    for cls, kwargs in ((SparseGPTSparsifier, {"exact_update": True}), (AdmmSparsifier, {})):
+        model = nn.Sequential(nn.Linear(32, 16, bias=False))
+        model[0].weight.data.copy_(dense)
+        prune(cls, model, x, pattern=pattern, **kwargs).squash_mask()
+        errors.append(rel_error(x, dense, model[0].weight.detach()))
+    assert errors[1] < errors[0], errors
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -221,6 +236,12 @@ def test_sparsegpt_settings():
         SparseGPTSparsifier(blocksize=1.5)
     with pytest.raises(ConfigTypeError, match="exact_update must be a bool, got 1"):
         SparseGPTSparsifier(exact_update=1)
+    with pytest.raises(ConfigTypeError, match=r"percdamp must be a number, got '0\.1'"):
+        AdmmSparsifier(percdamp="0.1")
+    with pytest.raises(ConfigError, match="need iters >= 2, got 1"):
+        AdmmSparsifier(iters=1)
+    with pytest.raises(ConfigTypeError, match=r"iters must be an int, got 2\.5"):
+        AdmmSparsifier(iters=2.5)
 
 
 @pytest.mark.parametrize("cls", CLASSES)

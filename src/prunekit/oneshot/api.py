@@ -15,6 +15,7 @@ from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
 from prunekit.oneshot.dense_targets import DenseStream
 from prunekit.oneshot.engine import capture_inputs, inference_context, run_sequential
 from prunekit.sparsifier._checks import check_level
+from prunekit.sparsifier.admm import AdmmSparsifier
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
 from prunekit.sparsifier.sparsegpt import SparseGPTSparsifier
 from prunekit.sparsifier.wanda import WandaSparsifier
@@ -22,7 +23,7 @@ from prunekit.sparsifier.weight_norm import WeightNormSparsifier
 
 __all__ = ["METHODS", "oneshot"]
 
-METHODS = ("magnitude", "sparsegpt", "wanda")
+METHODS = ("admm", "magnitude", "sparsegpt", "wanda")
 Target = tuple[float, tuple[int, int] | None]
 
 
@@ -124,12 +125,15 @@ def _sparsifier(
 ) -> CalibratedSparsifier | None:
     if exact_update and method != "sparsegpt":
         raise ConfigError(f"oneshot(method={method!r}): exact_update refines SparseGPT's "
-                          "weight update; the other methods make none")
+                          "weight update; 'admm' ends with an exact one already, 'wanda' and "
+                          "'magnitude' make none")
     if method == "sparsegpt":
         return SparseGPTSparsifier(target[0], target[1], blocksize=blocksize, percdamp=percdamp,
                                    exact_update=exact_update)
     if method == "wanda":
         return WandaSparsifier(target[0], target[1])
+    if method == "admm":
+        return AdmmSparsifier(target[0], target[1], percdamp=percdamp)
     return None
 
 
@@ -151,15 +155,17 @@ def oneshot(
 ) -> dict[str, float]:
     """Prune ``model`` in place, block by block, and return each layer's sparsity.
 
-    ``method``: ``"sparsegpt"`` (reconstructs the kept weights), ``"wanda"`` or
-    ``"magnitude"`` (needs no data). ``sparsity`` defaults to 0.5, or to ``1 - N/M``
-    with ``pattern="N:M"``. ``blocks``: ``"auto"`` finds a Hugging Face decoder stack;
-    a fqn names a ``ModuleList`` whose blocks run in sequence; ``None`` calibrates the
-    whole model at once. ``layers`` (module fqns) defaults to every ``nn.Linear`` in the
-    blocks; ``overrides`` maps layer fqns to their own sparsity or pattern. Batches are
-    token-id tensors ``(batch, seq)`` for language models, or any tensor / tuple / dict
-    of the model's arguments. Everything is checked, and the batches run through the
-    model up to its first block, before any weight changes.
+    ``method``: ``"sparsegpt"`` (reconstructs the kept weights), ``"admm"`` (chooses
+    the mask gradually and solves the kept weights exactly: lower error than SparseGPT,
+    see ``AdmmSparsifier``), ``"wanda"`` or ``"magnitude"`` (needs no data).
+    ``sparsity`` defaults to 0.5, or to ``1 - N/M`` with ``pattern="N:M"``. ``blocks``:
+    ``"auto"`` finds a Hugging Face decoder stack; a fqn names a ``ModuleList`` whose
+    blocks run in sequence; ``None`` calibrates the whole model at once. ``layers``
+    (module fqns) defaults to every ``nn.Linear`` in the blocks; ``overrides`` maps layer
+    fqns to their own sparsity or pattern. Batches are token-id tensors ``(batch, seq)``
+    for language models, or any tensor / tuple / dict of the model's arguments.
+    Everything is checked, and the batches run through the model up to its first block,
+    before any weight changes.
 
     ``dense_targets=True`` fits each layer to the dense model's outputs rather than to
     its own on the pruned model's inputs (see ``prunekit.oneshot.dense_targets``): the

@@ -1,6 +1,6 @@
 """Pure tensor functions of one-shot pruning: Wanda scores, N:M and per-row selection,
-the SparseGPT layer-wise reconstruction (OBS over column blocks) and its exact masked
-least-squares refinement.
+the SparseGPT layer-wise reconstruction (OBS over column blocks), its exact masked
+least-squares refinement, and ADMM pruning.
 
 No modules and no state: every function maps tensors to tensors, so each is tested
 alone. Weights are ``(out, in)`` matrices acting on the last dimension of the input;
@@ -17,6 +17,7 @@ from prunekit.errors import ConfigError
 from prunekit.masks import nm_mask
 
 __all__ = [
+    "admm_prune",
     "damped_cholesky",
     "damped_inverse_cholesky",
     "masked_least_squares",
@@ -30,6 +31,9 @@ __all__ = [
 
 # Extra damping tried, as multiples of the mean Hessian diagonal, when Cholesky fails.
 _DAMP_RETRIES = (1e-2, 1e-1, 1.0, 10.0)
+
+# ADMM's penalty: its start (unit-diagonal Hessian) and growth per iteration.
+_ADMM_RHO, _ADMM_GROWTH = 0.3, 1.05
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -293,3 +297,66 @@ def masked_least_squares(
         direction = z + beta * direction
         rz = rz_next
     return w
+
+
+def _layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Drop the ``prune_count(numel, sparsity)`` lowest scores of the whole layer."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    count = prune_count(scores.numel(), sparsity)
+    if count:
+        keep.view(-1)[scores.flatten().topk(count, largest=False, sorted=False).indices] = False
+    return keep
+
+
+def admm_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    percdamp: float = 0.01,
+    iters: int = 60,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune by ADMM with gradual mask selection, then solve the kept weights exactly
+    (after Boža 2024, "Fast and Effective Weight Update for Pruned Large Language Models").
+
+    Minimises ``tr((Ŵ - W) H (Ŵ - W)ᵀ)`` over weights that are zero off the mask by
+    alternating a ridge solve towards a masked copy (``(H + rho I)⁻¹`` from one
+    eigendecomposition, ``rho`` growing 5% per iteration from 0.3) with the projection
+    onto the mask. Inputs are scaled to unit ``diag H`` first, so weight magnitudes are
+    Wanda scores and ``percdamp`` damps every input alike. In the first half of the
+    ``iters`` iterations the mask is re-chosen every third one from the ADMM iterate,
+    its sparsity rising on a cubic schedule to ``sparsity`` (unstructured: the lowest of
+    the whole layer, exactly ``prune_count``; N:M: the M-N lowest of every group).
+    Unlike SparseGPT's single left-to-right pass, a weight dropped early can come back.
+    Returns ``(weight, keep)``, ``weight`` float32 and zero where ``keep`` is False.
+    """
+    if iters < 2:
+        raise ConfigError(f"ADMM: iters must be at least 2, got {iters}")
+    h = hessian.detach().to(torch.float64)
+    if not bool(torch.isfinite(h).all()):
+        raise ConfigError("ADMM: the Hessian holds NaN or inf; the calibration inputs of "
+                          "this layer are not finite")
+    scale = h.diagonal().clamp_min(0).sqrt()
+    scale[scale == 0] = 1.0  # dead inputs: only the damping holds their weights
+    hn = h / scale[:, None] / scale[None, :]
+    hn.diagonal().add_(percdamp)
+    eigenvalues, basis = torch.linalg.eigh(hn)
+    eigenvalues, basis, hn, scale = eigenvalues.float(), basis.float(), hn.float(), scale.float()
+    original = weight.detach().to(torch.float32) * scale
+    target = original @ hn
+    updates = -(-(iters // 2) // 3)  # mask choices, every third of the first half
+
+    def select(score: torch.Tensor, update: int) -> torch.Tensor:
+        if nm is not None:
+            return nm_mask(score, nm[0], nm[1], _identity)
+        return _layer_keep_mask(score, sparsity * (1.0 - (1.0 - update / updates) ** 3))
+
+    w, dual, rho = original.clone(), torch.zeros_like(original), _ADMM_RHO
+    for it in range(iters):
+        if it % 3 == 0 and it // 3 < updates:
+            keep = select((w + dual).abs(), it // 3 + 1)
+        z = (w + dual) * keep
+        dual += w - z
+        w = ((target + rho * (z - dual)) @ basis / (eigenvalues + rho)) @ basis.T
+        rho *= _ADMM_GROWTH
+    return masked_least_squares(z, original, hn, keep) / scale, keep

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
-from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
+from prunekit.sparsifier.calibrated import Pattern, parse_pattern
+from prunekit.sparsifier.hessian import HessianSparsifier
 from prunekit.sparsifier.oneshot_math import (
     damped_inverse_cholesky,
     masked_least_squares,
@@ -21,7 +22,7 @@ from prunekit.sparsifier.oneshot_math import (
 __all__ = ["SparseGPTSparsifier"]
 
 
-class SparseGPTSparsifier(CalibratedSparsifier):
+class SparseGPTSparsifier(HessianSparsifier):
     """Choose the weights to drop by their OBS error ``w² / [H⁻¹]_jj²`` and update the
     remaining ones so the layer's output on the calibration inputs changes least.
 
@@ -61,25 +62,14 @@ class SparseGPTSparsifier(CalibratedSparsifier):
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)
         where = f"{type(self).__name__} group {group['tensor_fqn']!r}"
-        blocksize, percdamp = group.get("blocksize"), group.get("percdamp")
+        blocksize = group.get("blocksize")
         if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral):
             raise ConfigTypeError(f"{where}: blocksize must be an int, got {blocksize!r}")
-        if isinstance(percdamp, bool) or not isinstance(percdamp, numbers.Real):
-            raise ConfigTypeError(f"{where}: percdamp must be a number, got {percdamp!r}")
         if not isinstance(group.get("exact_update", False), bool):
             raise ConfigTypeError(
                 f"{where}: exact_update must be a bool, got {group['exact_update']!r}")
-        if blocksize < 1 or not percdamp > 0:
-            raise ConfigError(
-                f"{where}: need blocksize >= 1 and percdamp > 0, got {blocksize}, {percdamp}"
-            )
-
-    def new_statistic(self, weight: torch.Tensor) -> torch.Tensor:
-        n = weight.shape[1]
-        return torch.zeros(n, n, dtype=torch.float32, device=weight.device)
-
-    def accumulate(self, statistic: torch.Tensor, inputs: torch.Tensor) -> None:
-        statistic.addmm_(inputs.T, inputs)
+        if blocksize < 1:
+            raise ConfigError(f"{where}: need blocksize >= 1, got {blocksize}")
 
     def prepare_statistic(self, group: dict[str, Any], statistic: torch.Tensor) -> torch.Tensor:
         """The Cholesky factor of the damped inverse Hessian (raises before any change)."""

@@ -80,7 +80,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     "oneshot": {
         "type": Field("str", required=True),
-        "method": Field("str", default="sparsegpt", choices=("sparsegpt", "wanda", "magnitude")),
+        "method": Field("str", default="sparsegpt",
+                        choices=("sparsegpt", "admm", "wanda", "magnitude")),
         "sparsity": Field("number", required=True, low=0.0, high=1.0),
         "dense_targets": Field("bool", default=False),
         "exact_update": Field("bool", default=False),

@@ -8,10 +8,9 @@ import numbers
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
-from prunekit.sparsifier.calibrated import Pattern, parse_pattern
+from prunekit.sparsifier.calibrated import Pattern
 from prunekit.sparsifier.hessian import HessianSparsifier
 from prunekit.sparsifier.oneshot_math import admm_prune
 
@@ -60,21 +59,12 @@ class AdmmSparsifier(HessianSparsifier):
         if iters < 2:
             raise ConfigError(f"{where}: need iters >= 2, got {iters}")
 
-    def update_mask(  # type: ignore[override]
+    def solve(
         self,
-        module: nn.Module,
-        tensor_name: str,
-        sparsity_level: float,
-        pattern: Pattern,
+        weight: torch.Tensor,
         statistic: torch.Tensor,
-        percdamp: float,
-        iters: int,
-        **kwargs: Any,
-    ) -> None:
-        nm = parse_pattern(type(self).__name__, pattern)
-        if nm is None and sparsity_level == 0:
-            return  # nothing to prune: leave the weights bit for bit
-        original = self._original(module, tensor_name)
-        weight, keep = admm_prune(original, statistic, sparsity_level, nm, percdamp, iters)
-        original.copy_(weight.to(original.dtype))
-        self.state[kwargs["tensor_fqn"]]["mask"].copy_(keep)
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        group: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return admm_prune(weight, statistic, sparsity, nm, group["percdamp"], group["iters"])

@@ -3,20 +3,52 @@ weights by least squares: the input Hessian ``Σ x xᵀ`` of each layer."""
 
 from __future__ import annotations
 
+import abc
 import numbers
 from typing import Any
 
 import torch
+from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
-from prunekit.sparsifier.calibrated import CalibratedSparsifier
+from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
 
 __all__ = ["HessianSparsifier"]
 
 
 class HessianSparsifier(CalibratedSparsifier):
-    """Abstract base: holds one ``in x in`` float32 Hessian per calibrated layer and
-    checks ``percdamp`` (the damping, as a fraction of the mean Hessian diagonal)."""
+    """Abstract base: holds one ``in x in`` float32 Hessian per calibrated layer, checks
+    ``percdamp`` (the damping, as a fraction of the mean Hessian diagonal) and writes
+    what ``solve`` returns: new weights into the parameter, the keep-mask into the state.
+    """
+
+    @abc.abstractmethod
+    def solve(
+        self,
+        weight: torch.Tensor,
+        statistic: torch.Tensor,
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        group: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new weight, keep-mask)`` of one layer from its prepared ``statistic``."""
+
+    def update_mask(  # type: ignore[override]
+        self,
+        module: nn.Module,
+        tensor_name: str,
+        sparsity_level: float,
+        pattern: Pattern,
+        statistic: torch.Tensor,
+        **group: Any,
+    ) -> None:
+        nm = parse_pattern(type(self).__name__, pattern)
+        if nm is None and sparsity_level == 0:
+            return  # nothing to prune: leave the weights bit for bit
+        original = self._original(module, tensor_name)
+        weight, keep = self.solve(original.detach(), statistic, sparsity_level, nm, group)
+        original.copy_(weight.to(original.dtype))
+        self.state[group["tensor_fqn"]]["mask"].copy_(keep)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)

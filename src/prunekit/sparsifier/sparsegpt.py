@@ -8,10 +8,9 @@ import numbers
 from typing import Any
 
 import torch
-from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
-from prunekit.sparsifier.calibrated import Pattern, parse_pattern
+from prunekit.sparsifier.calibrated import Pattern
 from prunekit.sparsifier.hessian import HessianSparsifier
 from prunekit.sparsifier.oneshot_math import (
     damped_inverse_cholesky,
@@ -78,24 +77,16 @@ class SparseGPTSparsifier(HessianSparsifier):
         except ConfigError as err:
             raise ConfigError(f"{group['module_fqn']!r}: {err}") from None
 
-    def update_mask(  # type: ignore[override]
+    def solve(
         self,
-        module: nn.Module,
-        tensor_name: str,
-        sparsity_level: float,
-        pattern: Pattern,
+        weight: torch.Tensor,
         statistic: torch.Tensor,
-        blocksize: int,
-        exact_update: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        nm = parse_pattern(type(self).__name__, pattern)
-        if nm is None and sparsity_level == 0:
-            return  # nothing to prune: leave the weights bit for bit
-        original = self._original(module, tensor_name)
-        weight, keep = sparsegpt_reconstruct(original, statistic, sparsity_level, nm, blocksize)
-        if exact_update:
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        group: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        new, keep = sparsegpt_reconstruct(weight, statistic, sparsity, nm, group["blocksize"])
+        if group.get("exact_update", False):
             hessian = torch.cholesky_inverse(statistic, upper=True)  # the damped H itself
-            weight = masked_least_squares(weight, original.detach(), hessian, keep)
-        original.copy_(weight.to(original.dtype))
-        self.state[kwargs["tensor_fqn"]]["mask"].copy_(keep)
+            new = masked_least_squares(new, weight, hessian, keep)
+        return new, keep

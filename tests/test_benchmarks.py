@@ -35,7 +35,7 @@ def test_benchmark_quick_mode_runs(name):
 def test_oneshot_only_re_measures_the_named_rows_and_keeps_the_others(tmp_path):
     """``--only`` runs just its rows; ``--keep`` files give the others, later files win."""
     old, new = tmp_path / "old.json", tmp_path / "new.json"
-    row = {"perplexity": 1.0, "x dense": 1.0, "prune s": 0.0, "peak extra MiB": 0.0}
+    row = {"perplexity": 1.0, "x dense": 1.0, "prune s": 0.0}
     labels = [("dense", "0%"), ("wanda", "50%"), ("sparsegpt", "2:4")]
     old.write_text(json.dumps({"rows": [{"method": m, "sparsity": s, **row} for m, s in labels]}))
     new.write_text(json.dumps({"rows": [{"method": "wanda", "sparsity": "50%", **row,

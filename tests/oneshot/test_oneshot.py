@@ -95,6 +95,54 @@ def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypa
                     for i in range(3) for stage in stages]
 
 
+def test_masks_exist_for_one_block_at_a_time(llama, batches):
+    model = copy.deepcopy(llama)
+    seen = []
+
+    def count(_block, _args):
+        seen.append(sorted(n for n, m in model.named_modules()
+                           if parametrize.is_parametrized(m, "weight")))
+
+    handles = [block.register_forward_pre_hook(count) for block in model.model.layers]
+    prunekit.oneshot(model, batches, "sparsegpt", progress=False)
+    for handle in handles:
+        handle.remove()
+    blocks_masked = {tuple(sorted({name.split(".")[2] for name in names})) for names in seen}
+    assert blocks_masked == {(), ("0",), ("1",), ("2",)}  # never two blocks at once
+    assert not any(parametrize.is_parametrized(m, "weight") for m in model.modules())
+
+
+def test_inputs_repeated_across_batches_are_kept_once(llama, batches):
+    from prunekit.oneshot.engine import capture_inputs, inference_context
+
+    with inference_context(llama):
+        records = capture_inputs(llama, resolve_blocks(llama, "auto")[0], batches)
+    first = records[0].kwargs["position_embeddings"]
+    assert all(r.kwargs["position_embeddings"] is first for r in records[1:])
+    hidden = [r.args[0] if r.args else r.kwargs["hidden_states"] for r in records]
+    assert len({id(h) for h in hidden}) == len(records)
+    assert not torch.equal(hidden[0], hidden[1])
+
+
+def test_inputs_that_differ_across_batches_are_kept_apart():
+    from prunekit.oneshot.engine import capture_inputs
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x, scale, offset):
+            return self.inner(x) * scale + offset
+
+    block = Scaled()
+    same, other = torch.ones(4), torch.full((4,), 2.0)
+    batches = [(torch.randn(3, 4), scale, same.clone()) for scale in (same, other, same.clone())]
+    records = capture_inputs(block, ("", block), batches)
+    assert [r.args[1] is records[0].args[1] for r in records] == [True, False, True]
+    assert all(r.args[2] is records[0].args[2] for r in records)
+
+
 class Fork(nn.Module):
     """Two layers read the same input, a third reads what both made."""
 

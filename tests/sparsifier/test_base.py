@@ -309,9 +309,19 @@ def test_bad_config_raises_and_leaves_model_unchanged(config, error, message):
     sparsifier.prepare(model, [{"tensor_fqn": "seq.2.weight"}])  # earlier, valid state
     before = snapshot(model)
     with pytest.raises(error, match=message):
+        sparsifier.check_config(model, config)  # the same check, without preparing
+    with pytest.raises(error, match=message):
         sparsifier.prepare(model, config)
     assert_unchanged(before, model)
     assert [g["tensor_fqn"] for g in sparsifier.groups] == ["seq.2.weight"]
+
+
+def test_check_config_of_a_good_config_changes_nothing():
+    model, sparsifier = MLP(), WeightNormSparsifier()
+    before = snapshot(model)
+    sparsifier.check_config(model, [{"tensor_fqn": "seq.0.weight"}])
+    assert_unchanged(before, model)
+    assert sparsifier.groups == [] and not parametrize.is_parametrized(model.seq[0], "weight")
 
 
 def test_preparing_a_tensor_another_sparsifier_owns_is_refused():

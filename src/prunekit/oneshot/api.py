@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -197,14 +198,16 @@ def oneshot(
     if sparsifier is None:
         _magnitude(model, entries)
     else:
+        configs = {block: [{"tensor_fqn": f"{layer}.weight", "sparsity_level": entries[layer][0],
+                            "pattern": entries[layer][1]} for layer in names]
+                   for block, names in per_block.items()}
+        sparsifier.check_config(model, [entry for config in configs.values() for entry in config])
         with inference_context(model):
             inputs = capture_inputs(model, stack[0], batches)
-            config = [{"tensor_fqn": f"{layer}.weight", "sparsity_level": level, "pattern": nm}
-                      for layer, (level, nm) in entries.items()]
-            sparsifier.prepare(model, config)
             dense = DenseStream(inputs, percdamp) if dense_targets else None
-            run_sequential(sparsifier, stack, per_block, inputs, progress, dense)
-            sparsifier.squash_mask()
+            run_sequential(functools.partial(_sparsifier, method, target, blocksize, percdamp,
+                                             exact_update),
+                           model, stack, configs, inputs, progress, dense)
     return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +96,10 @@ def capture_inputs(
     records: list[BlockInput] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        records.append(BlockInput(tuple(args), dict(kwargs)))
+        record = BlockInput(tuple(args), dict(kwargs))
+        if records:
+            record = _shared_with(record, records[0])
+        records.append(record)
         if len(records) > 1 and block is not model:
             raise _Reached
 
@@ -119,6 +122,29 @@ def capture_inputs(
     finally:
         handle.remove()
     return records
+
+
+def _shared_with(record: BlockInput, first: BlockInput) -> BlockInput:
+    """``record`` holding ``first``'s own tensors wherever it holds equal ones (rotary
+    embeddings, positions and masks repeat from batch to batch): kept once, not once
+    per batch. The hidden states (the first argument) are never shared."""
+    args = record.args[:1] + tuple(
+        _same(value, other) for value, other in zip(record.args[1:], first.args[1:], strict=False))
+    kwargs = {key: _same(value, first.kwargs.get(key)) for key, value in record.kwargs.items()}
+    return BlockInput(args + record.args[len(args):], kwargs)
+
+
+def _same(value: Any, other: Any) -> Any:
+    """``other`` if it holds the same tensors as ``value`` (a tensor, or a tuple of them
+    as rotary embeddings come), else ``value``."""
+    if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor):
+        equal = (value.shape == other.shape and value.dtype == other.dtype
+                 and value.device == other.device and torch.equal(value, other))
+        return other if equal else value
+    if isinstance(value, tuple) and isinstance(other, tuple) and len(value) == len(other):
+        parts = tuple(_same(v, o) for v, o in zip(value, other, strict=True))
+        return other if all(p is o for p, o in zip(parts, other, strict=True)) else value
+    return value
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -231,34 +257,51 @@ def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
 
 
 def run_sequential(
-    sparsifier: CalibratedSparsifier,
+    new_sparsifier: Callable[[], CalibratedSparsifier],
+    model: nn.Module,
     blocks: Blocks,
-    layers: dict[str, list[str]],
+    configs: dict[str, list[dict[str, Any]]],
     inputs: list[BlockInput],
     progress: bool = True,
     dense: DenseStream | None = None,
 ) -> None:
-    """Calibrate, prune and advance block by block (see the module docstring). Inside a
-    block, layers are pruned stage by stage ("true sequential"): each stage calibrates
-    on the outputs of the stages before it, already pruned. ``dense`` (a
-    ``DenseStream`` over the same inputs) fits every layer to dense targets first."""
-    bar = tqdm(blocks, desc=f"{type(sparsifier).__name__}", unit="block",
+    """Calibrate, prune and advance block by block (see the module docstring). Each
+    block's layers (``configs[fqn]``, entries of a sparsifier config) get a sparsifier
+    of their own, prepared just before and squashed just after, so masks exist for one
+    block at a time. Inside a block, layers are pruned stage by stage ("true
+    sequential"): each stage calibrates on the outputs of the stages before it, already
+    pruned. ``dense`` (a ``DenseStream`` over the same inputs) fits every layer to dense
+    targets first."""
+    bar = tqdm(blocks, desc=type(new_sparsifier()).__name__, unit="block",
                disable=None if progress else True)
-    prepared = {group["tensor_fqn"]: group["module"] for group in sparsifier.groups}
     for index, (fqn, block) in enumerate(bar):
         start = time.perf_counter()
-        by_name = {name: prepared[f"{name}.weight"] for name in layers[fqn]}
         if dense is not None:
             dense.begin(fqn, block)
-        if by_name:
-            stages = _stages(block, by_name, inputs[0])
-            for stage in stages:
-                modules = {name: by_name[name] for name in stage}
-                _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense)
-                sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
+        if configs[fqn]:
+            _prune_block(new_sparsifier(), model, block, configs[fqn], inputs, dense)
         if index + 1 < len(blocks):
             _advance(block, inputs, fqn)
             if dense is not None:
                 _advance(dense.block, dense.inputs, fqn)
-        log.debug("block %r: %d layers pruned in %.2fs", fqn, len(by_name),
+        log.debug("block %r: %d layers pruned in %.2fs", fqn, len(configs[fqn]),
                   time.perf_counter() - start)
+
+
+def _prune_block(
+    sparsifier: CalibratedSparsifier,
+    model: nn.Module,
+    block: nn.Module,
+    config: list[dict[str, Any]],
+    inputs: list[BlockInput],
+    dense: DenseStream | None,
+) -> None:
+    """Prepare ``config`` (layers of ``block``), prune it stage by stage, squash."""
+    sparsifier.prepare(model, config)
+    by_name = {group["module_fqn"]: group["module"] for group in sparsifier.groups}
+    stages = _stages(block, by_name, inputs[0])
+    for stage in stages:
+        modules = {name: by_name[name] for name in stage}
+        _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense)
+        sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
+    sparsifier.squash_mask()

@@ -141,6 +141,15 @@ class BaseSparsifier(abc.ABC):
         self.groups.extend(new_groups)
         self._prepare()
 
+    def check_config(self, model: nn.Module, config: list[dict[str, Any]]) -> None:
+        """Raise the error ``prepare(model, config)`` would raise, changing nothing: lets a
+        caller that prepares a model piece by piece check every piece first."""
+        if not isinstance(model, nn.Module):
+            raise ConfigTypeError(
+                f"check_config: model must be an nn.Module, got {type(model).__name__}"
+            )
+        self._groups_from_config(model, config)
+
     def _groups_from_config(
         self, model: nn.Module, config: Any, auto: bool = False
     ) -> list[dict[str, Any]]:

@@ -114,7 +114,7 @@ def _damped_factor(
 ) -> torch.Tensor:
     """``factor(H + λI)`` in ``dtype`` for the first damping, from ``percdamp`` up, at
     which it works (None from ``factor``: not positive definite)."""
-    h = hessian.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype, copy=True)
     if not bool(torch.isfinite(h).all()):
         raise ConfigError(
             "SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
@@ -122,10 +122,11 @@ def _damped_factor(
         )
     diag = h.diagonal()
     diag[diag <= 0] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    scale = float(diag.mean())
+    undamped = diag.clone()
+    scale = float(undamped.mean())
     for damp in (percdamp, *(d for d in _DAMP_RETRIES if d > percdamp)):
-        result = factor(h + damp * scale * eye)
+        diag.copy_(undamped).add_(damp * scale)  # in place: no second matrix
+        result = factor(h)
         if result is not None:
             return result
     raise ConfigError(

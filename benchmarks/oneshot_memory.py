@@ -1,0 +1,134 @@
+"""Peak memory of one-shot pruning: what each method adds to the model while it prunes,
+against the bound the sequential design promises (one block's calibration hidden states
+and Hessians on top of the dense model).
+
+Every configuration of ``benchmarks.oneshot`` runs in a fresh process of its own, on
+SmolLM2-135M cut to its first ``--blocks`` decoder blocks (default 2): the engine holds
+the same things at every block (the hidden states, one block's masks and one stage's
+statistics), so the peak of block 2 is the peak of block 30, and the cut model measures
+it in a minute instead of half an hour. ``MALLOC_MMAP_THRESHOLD_`` is fixed in the
+workers so that glibc maps every tensor over 128 KiB on its own and unmaps it when
+freed: the resident peak (``VmHWM`` after a reset) is then what was alive at once, not
+what the allocator happened to keep cached. ``--quick`` runs the tiny random Llama.
+Run: ``python -m benchmarks.oneshot_memory [--quick] [--jobs 2]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, suppress
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import prunekit
+from benchmarks._common import parse_args, write_results
+from benchmarks.oneshot import FULL, QUICK, RUNS, MiB, Run, _key, _seed, _setup
+from benchmarks.oneshot import block_statistics_mib as hessians_mib
+
+MMAP_THRESHOLD = str(128 * 1024)  # glibc's own default, fixed so it no longer grows
+
+
+@contextmanager
+def mapped_tensors() -> Iterator[None]:
+    """Processes spawned inside map every allocation over 128 KiB on its own."""
+    before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = before
+
+
+def _kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_extra_mib(fn: Callable[[], Any]) -> float | None:
+    """The peak resident MiB ``fn`` adds (Linux; None elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _kib("VmRSS")
+    except (OSError, KeyError):
+        fn()
+        return None
+    fn()
+    return (_kib("VmHWM") - before) / 1024
+
+
+def _trim() -> None:
+    """Hand the heap's free pages back, so the baseline holds only live memory."""
+    gc.collect()
+    with suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def cut(model: torch.nn.Module, blocks: int) -> torch.nn.Module:
+    """``model`` (a Hugging Face decoder) keeping its first ``blocks`` blocks."""
+    model.model.layers = model.model.layers[:blocks]
+    model.config.num_hidden_layers = blocks
+    return model
+
+
+def measure(run: Run, quick: bool, blocks: int, threads: int) -> dict[str, Any]:
+    """The resident memory one pruning adds, in this (fresh) process."""
+    torch.set_num_threads(threads)
+    method, pattern, dense_targets, exact_update = run
+    model, calib, _ = _setup(quick)
+    cut(model, blocks)
+    batches = None if method == "magnitude" else calib
+    _trim()
+    peak = peak_extra_mib(lambda: prunekit.oneshot(
+        model, batches, method, pattern=pattern, dense_targets=dense_targets,
+        exact_update=exact_update, progress=False))
+    label, sparsity = _key(run)
+    row = {"method": label, "sparsity": sparsity, "peak extra MiB": peak}
+    print(row, flush=True)
+    return row
+
+
+def measure_all(quick: bool, blocks: int, jobs: int, threads: int) -> list[dict[str, Any]]:
+    """Every run in a process of its own (``jobs`` at a time)."""
+    with mapped_tensors(), ProcessPoolExecutor(
+            jobs, mp_context=get_context("spawn"), initializer=_seed,
+            initargs=(torch.initial_seed(),), max_tasks_per_child=1) as pool:
+        n = len(RUNS)
+        return list(pool.map(measure, RUNS, [quick] * n, [blocks] * n, [threads] * n))
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], extra=[
+        ("--blocks", "decoder blocks to keep (default 2)")])
+    blocks = int(args.blocks or 2)
+    rows = measure_all(args.quick, blocks, args.jobs, args.threads)
+    model, calib, _ = _setup(args.quick)
+    sizes = QUICK if args.quick else FULL
+    hidden = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
+    bound = hidden + hessians_mib(model)
+    for row in rows:
+        row["x bound"] = None if row["peak extra MiB"] is None else row["peak extra MiB"] / bound
+    what = "Tiny random Llama" if args.quick else "SmolLM2-135M-Instruct"
+    notes = (
+        f"{what} cut to its first {blocks} blocks; calibration {sizes['calib_seqs']} x "
+        f"{sizes['seq_len']} tokens. Bound: calibration hidden states {hidden:.1f} MiB + one "
+        f"block's Hessians {hessians_mib(model):.1f} MiB = {bound:.1f} MiB on top of the "
+        f"model. One process per row, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}."
+    )
+    path = write_results("oneshot_memory", rows, notes=notes, quick=args.quick)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -64,11 +64,11 @@ def tiny_llama() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
     return model, list(ids[: sizes["calib_seqs"]]), list(ids[sizes["calib_seqs"] :])
 
 
-def smollm2() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+def smollm2(calib_seqs: int) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
     model, tokenizer = load_smollm2()
     calibration, held_out = split_texts(wiki_summaries(), holdout=0.1, seed=0)
-    n, e, length = FULL["calib_seqs"], FULL["eval_seqs"], FULL["seq_len"]
-    return model, token_batches(tokenizer, calibration, n, length), token_batches(
+    e, length = FULL["eval_seqs"], FULL["seq_len"]
+    return model, token_batches(tokenizer, calibration, calib_seqs, length), token_batches(
         tokenizer, held_out, e, length)
 
 
@@ -82,9 +82,10 @@ def block_statistics_mib(model: nn.Module) -> float:
 
 
 @functools.cache
-def _setup(quick: bool) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+def _setup(quick: bool, calib_seqs: int = FULL["calib_seqs"]
+           ) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
     """The model, calibration and held-out batches, built once per process."""
-    return tiny_llama() if quick else smollm2()
+    return tiny_llama() if quick else smollm2(calib_seqs)
 
 
 def _seed(seed: int) -> None:
@@ -102,11 +103,12 @@ def _key(run: Run) -> tuple[str, str]:
     return _label(method, dense_targets, exact_update), pattern or "50%"
 
 
-def measure(run: Run, quick: bool, threads: int, dense_ppl: float) -> dict[str, Any]:
+def measure(run: Run, quick: bool, threads: int, dense_ppl: float, calib_seqs: int
+            ) -> dict[str, Any]:  # fmt: skip
     """One pruning of a fresh copy of the model: its perplexity and time."""
     torch.set_num_threads(threads)
     method, pattern, dense_targets, exact_update = run
-    model, calib, held_out = _setup(quick)
+    model, calib, held_out = _setup(quick, calib_seqs)
     pruned = copy.deepcopy(model)
     batches = None if method == "magnitude" else calib
     start = time.perf_counter()
@@ -121,22 +123,24 @@ def measure(run: Run, quick: bool, threads: int, dense_ppl: float) -> dict[str, 
     return row
 
 
-def measure_all(quick: bool, jobs: int, threads: int, runs: list[Run]) -> list[dict[str, Any]]:
+def measure_all(quick: bool, jobs: int, threads: int, runs: list[Run], calib_seqs: int
+                ) -> list[dict[str, Any]]:  # fmt: skip
     """The dense row, then every run; ``jobs > 1`` runs them in spawned processes (each
     loads the model once; the quick model is seeded, so every process builds the same)."""
-    model, _, held_out = _setup(quick)
+    model, _, held_out = _setup(quick, calib_seqs)
     dense_ppl = perplexity(model, held_out)
     rows = [{"method": "dense", "sparsity": "0%", "perplexity": dense_ppl, "x dense": 1.0,
              "prune s": 0.0}]
     if jobs <= 1:
-        return rows + [measure(run, quick, threads, dense_ppl) for run in runs]
+        return rows + [measure(run, quick, threads, dense_ppl, calib_seqs) for run in runs]
     context = multiprocessing.get_context("spawn")
     longest_first = sorted(runs, key=_cost, reverse=True)  # the processes finish together
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_seed,
                              initargs=(torch.initial_seed(),)) as pool:
         n = len(runs)
         done = dict(zip(longest_first, pool.map(
-            measure, longest_first, [quick] * n, [threads] * n, [dense_ppl] * n), strict=True))
+            measure, longest_first, [quick] * n, [threads] * n, [dense_ppl] * n,
+            [calib_seqs] * n), strict=True))
     return rows + [done[run] for run in runs]
 
 
@@ -196,26 +200,30 @@ def main() -> None:
         ("--only", "re-measure only these rows (comma-separated 'method label@sparsity', or "
                    "'none'); the others are kept from --keep"),
         ("--keep", "results .json files (comma-separated, later ones win) whose rows --only "
-                   "keeps; default: the committed results")])
-    rows = measure_all(args.quick, args.jobs, args.threads, _selected(args.only))
+                   "keeps; default: the committed results"),
+        ("--calib", f"calibration sequences (default {FULL['calib_seqs']}; another number "
+                    "writes results/oneshot-calibN)")])
+    calib_seqs = int(args.calib or FULL["calib_seqs"])
+    name = "oneshot" if calib_seqs == FULL["calib_seqs"] else f"oneshot-calib{calib_seqs}"
+    rows = measure_all(args.quick, args.jobs, args.threads, _selected(args.only), calib_seqs)
     if args.only is not None:
-        keep = args.keep.split(",") if args.keep else [results_json("oneshot", args.quick)]
+        keep = args.keep.split(",") if args.keep else [results_json(name, args.quick)]
         rows = merged(rows, [row for path in keep for row in read_rows(Path(path))])
-    model, calib, _ = _setup(args.quick)
+    model, calib, _ = _setup(args.quick, calib_seqs)
     sizes = QUICK if args.quick else FULL
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / MiB
     what = ("Tiny random Llama, random tokens (smoke test)" if args.quick
             else "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)")
     hidden_mib = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
     notes = (
-        f"{what}; calibration {sizes['calib_seqs']} x {sizes['seq_len']} tokens, held-out "
+        f"{what}; calibration {len(calib)} x {sizes['seq_len']} tokens, held-out "
         f"perplexity on {sizes['eval_seqs']} x {sizes['seq_len']} tokens; magnitude is per "
         f"layer |w|. Model {model_mib:.0f} MiB, one block's Hessians "
         f"{block_statistics_mib(model):.1f} MiB, calibration hidden states {hidden_mib:.1f} "
         f"MiB; {args.jobs} process(es) side by side, {args.threads} thread(s) each. "
         f"Targets: {verdicts(rows)}."
     )
-    path = write_results("oneshot", rows, notes=notes, quick=args.quick)
+    path = write_results(name, rows, notes=notes, quick=args.quick)
     print(path.read_text())
 
 

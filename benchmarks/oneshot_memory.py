@@ -9,7 +9,8 @@ statistics), so the peak of block 2 is the peak of block 30, and the cut model m
 it in a minute instead of half an hour. ``MALLOC_MMAP_THRESHOLD_`` is fixed in the
 workers so that glibc maps every tensor over 128 KiB on its own and unmaps it when
 freed: the resident peak (``VmHWM`` after a reset) is then what was alive at once, not
-what the allocator happened to keep cached. ``--quick`` runs the tiny random Llama.
+what the allocator happened to keep cached. ``--quick`` runs the tiny random Llama;
+``--only`` re-measures some rows as in ``benchmarks.oneshot``.
 Run: ``python -m benchmarks.oneshot_memory [--quick] [--jobs 2]``.
 """
 
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 
 import prunekit
-from benchmarks._common import parse_args, write_results
-from benchmarks.oneshot import FULL, QUICK, RUNS, MiB, Run, _key, _seed, _setup
+from benchmarks._common import parse_args, read_rows, results_json, write_results
+from benchmarks.oneshot import FULL, QUICK, MiB, Run, _key, _seed, _selected, _setup, merged
 from benchmarks.oneshot import block_statistics_mib as hessians_mib
 
 MMAP_THRESHOLD = str(128 * 1024)  # glibc's own default, fixed so it no longer grows
@@ -99,20 +100,25 @@ def measure(run: Run, quick: bool, blocks: int, threads: int) -> dict[str, Any]:
     return row
 
 
-def measure_all(quick: bool, blocks: int, jobs: int, threads: int) -> list[dict[str, Any]]:
+def measure_all(quick: bool, blocks: int, jobs: int, threads: int, runs: list[Run]
+                ) -> list[dict[str, Any]]:  # fmt: skip
     """Every run in a process of its own (``jobs`` at a time)."""
     with mapped_tensors(), ProcessPoolExecutor(
             jobs, mp_context=get_context("spawn"), initializer=_seed,
             initargs=(torch.initial_seed(),), max_tasks_per_child=1) as pool:
-        n = len(RUNS)
-        return list(pool.map(measure, RUNS, [quick] * n, [blocks] * n, [threads] * n))
+        n = len(runs)
+        return list(pool.map(measure, runs, [quick] * n, [blocks] * n, [threads] * n))
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra=[
-        ("--blocks", "decoder blocks to keep (default 2)")])
+        ("--blocks", "decoder blocks to keep (default 2)"),
+        ("--only", "re-measure only these rows ('method label@sparsity', comma-separated); "
+                   "the others are kept from the committed results")])
     blocks = int(args.blocks or 2)
-    rows = measure_all(args.quick, blocks, args.jobs, args.threads)
+    rows = measure_all(args.quick, blocks, args.jobs, args.threads, _selected(args.only))
+    if args.only is not None:
+        rows = merged(rows, read_rows(results_json("oneshot_memory", args.quick)))
     model, calib, _ = _setup(args.quick)
     sizes = QUICK if args.quick else FULL
     hidden = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB

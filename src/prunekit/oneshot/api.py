@@ -107,7 +107,8 @@ def _check_batches(model: nn.Module, batches: Any, method: str) -> list[Any]:
 
 
 def _magnitude(model: nn.Module, entries: dict[str, Target]) -> None:
-    """Per-layer magnitude pruning (|w|), unstructured or N:M, with WeightNormSparsifier."""
+    """Per-layer magnitude pruning (|w|), unstructured or N:M, with WeightNormSparsifier:
+    the whole config checked first, then one layer at a time (one mask at a time)."""
     config = []
     for layer, (level, nm) in entries.items():
         shape = {"sparsity_level": level, "sparse_block_shape": (1, 1), "zeros_per_block": 1}
@@ -115,10 +116,12 @@ def _magnitude(model: nn.Module, entries: dict[str, Target]) -> None:
             shape = {"sparsity_level": 1.0, "sparse_block_shape": (1, nm[1]),
                      "zeros_per_block": nm[1] - nm[0]}
         config.append({"tensor_fqn": f"{layer}.weight", **shape})
-    sparsifier = WeightNormSparsifier(norm=1)
-    sparsifier.prepare(model, config)
-    sparsifier.step()
-    sparsifier.squash_mask()
+    WeightNormSparsifier(norm=1).check_config(model, config)
+    for entry in config:
+        sparsifier = WeightNormSparsifier(norm=1)
+        sparsifier.prepare(model, [entry])
+        sparsifier.step()
+        sparsifier.squash_mask()
 
 
 def _sparsifier(

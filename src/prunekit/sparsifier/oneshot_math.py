@@ -142,8 +142,10 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
     lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    upper = torch.linalg.solve_triangular(lower.flip(0, 1), eye, upper=True)
+    flipped = lower.flip(0, 1)
+    del lower  # one matrix fewer alive at once (the layer's Hessians are the peak here)
+    upper = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    torch.linalg.solve_triangular(flipped, upper, upper=True, out=upper)
     return upper if bool(torch.isfinite(upper).all()) else None
 
 

@@ -61,12 +61,11 @@ def peak_extra_mib(fn: Callable[[], Any]) -> float | None:
     """The peak resident MiB ``fn`` adds (Linux; None elsewhere)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _kib("VmRSS")
+        before: int | None = _kib("VmRSS")
     except (OSError, KeyError):
-        fn()
-        return None
+        before = None
     fn()
-    return (_kib("VmHWM") - before) / 1024
+    return None if before is None else (_kib("VmHWM") - before) / 1024
 
 
 def _trim() -> None:
@@ -122,14 +121,15 @@ def main() -> None:
     model, calib, _ = _setup(args.quick)
     sizes = QUICK if args.quick else FULL
     hidden = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
-    bound = hidden + hessians_mib(model)
+    hessians = hessians_mib(model)
+    bound = hidden + hessians
     for row in rows:
         row["x bound"] = None if row["peak extra MiB"] is None else row["peak extra MiB"] / bound
     what = "Tiny random Llama" if args.quick else "SmolLM2-135M-Instruct"
     notes = (
-        f"{what} cut to its first {blocks} blocks; calibration {sizes['calib_seqs']} x "
+        f"{what} cut to its first {blocks} blocks; calibration {len(calib)} x "
         f"{sizes['seq_len']} tokens. Bound: calibration hidden states {hidden:.1f} MiB + one "
-        f"block's Hessians {hessians_mib(model):.1f} MiB = {bound:.1f} MiB on top of the "
+        f"block's Hessians {hessians:.1f} MiB = {bound:.1f} MiB on top of the "
         f"model. One process per row, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}."
     )
     path = write_results("oneshot_memory", rows, notes=notes, quick=args.quick)

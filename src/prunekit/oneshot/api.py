@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -208,9 +207,7 @@ def oneshot(
         with inference_context(model):
             inputs = capture_inputs(model, stack[0], batches)
             dense = DenseStream(inputs, percdamp) if dense_targets else None
-            run_sequential(functools.partial(_sparsifier, method, target, blocksize, percdamp,
-                                             exact_update),
-                           model, stack, configs, inputs, progress, dense)
+            run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
     return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
 
 

@@ -12,9 +12,10 @@ width`` floats.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -257,7 +258,7 @@ def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
 
 
 def run_sequential(
-    new_sparsifier: Callable[[], CalibratedSparsifier],
+    template: CalibratedSparsifier,
     model: nn.Module,
     blocks: Blocks,
     configs: dict[str, list[dict[str, Any]]],
@@ -266,20 +267,20 @@ def run_sequential(
     dense: DenseStream | None = None,
 ) -> None:
     """Calibrate, prune and advance block by block (see the module docstring). Each
-    block's layers (``configs[fqn]``, entries of a sparsifier config) get a sparsifier
-    of their own, prepared just before and squashed just after, so masks exist for one
-    block at a time. Inside a block, layers are pruned stage by stage ("true
+    block's layers (``configs[fqn]``, entries of a sparsifier config) get a copy of the
+    unprepared ``template`` of their own, prepared just before and squashed just after,
+    so masks exist for one block at a time. Inside a block, layers are pruned stage by stage ("true
     sequential"): each stage calibrates on the outputs of the stages before it, already
     pruned. ``dense`` (a ``DenseStream`` over the same inputs) fits every layer to dense
     targets first."""
-    bar = tqdm(blocks, desc=type(new_sparsifier()).__name__, unit="block",
+    bar = tqdm(blocks, desc=type(template).__name__, unit="block",
                disable=None if progress else True)
     for index, (fqn, block) in enumerate(bar):
         start = time.perf_counter()
         if dense is not None:
             dense.begin(fqn, block)
         if configs[fqn]:
-            _prune_block(new_sparsifier(), model, block, configs[fqn], inputs, dense)
+            _prune_block(copy.deepcopy(template), model, block, configs[fqn], inputs, dense)
         if index + 1 < len(blocks):
             _advance(block, inputs, fqn)
             if dense is not None:

@@ -4,7 +4,8 @@ Run: ``python -m benchmarks.deploy [--quick]``. BERT-base sizes: Linear 768->307
 3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32/128 tokens, 50/70/90/95%
 sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell compares with dense fp32,
 in one process on the same input: dense dynamic int8 (torch quantize_dynamic), CSR, BSR
-(square blocks; MKL takes no other on the CPU), sparse dynamic int8 (``sparse_quantize``,
+(square blocks; MKL takes no other on the CPU), prunekit's row-block kernel (1 x c blocks,
+c inferred from the zeros: 1 for unstructured), sparse dynamic int8 (``sparse_quantize``,
 1x4 blocks, qnnpack), ``to_sparse(layout="auto")`` and an exact copy of the dense model
 (``dense_twin``: the noise between equals). Columns ``*_x`` are speed-ups over dense fp32
 (> 1: faster), each the median ratio of ABBA pairs timed against dense alone
@@ -46,7 +47,7 @@ QUICK = {
     "sparsity": [0.5, 0.9],
     "patterns": {"unstructured": (1, 1), "16x16": (16, 16)},
 }
-SPARSE = ["csr", "bsr", "sparse_int8"]
+SPARSE = ["csr", "bsr", "row_blocks", "sparse_int8"]
 STALL, STALL_TRIES = 1.3, 3
 
 
@@ -79,6 +80,7 @@ def candidates(model: nn.Module, x: torch.Tensor, pattern: str) -> tuple[dict[st
             "dense_twin": copy.deepcopy(model),  # gauges the timing noise between equals
             "int8": quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8),
             "csr": to_sparse(model, layout="csr"),
+            "row_blocks": to_sparse(model, layout="row_blocks"),
             "sparse_int8": sparse_quantize(model),
         }
     if pattern in ("4x4", "16x16"):

@@ -18,7 +18,14 @@ X = torch.randn(4, 8, 64)
 
 @pytest.mark.parametrize(
     ("layout", "block", "expected"),
-    [("csr", (1, 1), "csr"), ("bsr", (4, 4), "bsr4x4"), ("dense", (1, 1), "dense")],
+    [
+        ("csr", (1, 1), "csr"),
+        ("bsr", (4, 4), "bsr4x4"),
+        ("row_blocks", (1, 4), "row_blocks1x4"),
+        ("row_blocks", (4, 4), "row_blocks1x4"),
+        ("row_blocks", (1, 1), "row_blocks1x1"),
+        ("dense", (1, 1), "dense"),
+    ],
 )
 def test_fixed_layouts_match_the_dense_model(layout, block, expected):
     model = sparse_mlp(block)
@@ -191,7 +198,7 @@ def test_non_float_weights_name_the_layer():
 
 
 def test_every_registered_layout_is_reachable_by_name():
-    assert set(LAYOUTS) == {"dense", "csr", "bsr", "semi_structured"}
+    assert set(LAYOUTS) == {"dense", "csr", "bsr", "row_blocks", "semi_structured"}
 
 
 @pytest.mark.gpu

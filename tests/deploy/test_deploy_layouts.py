@@ -108,7 +108,8 @@ def test_compressed_layouts_equal_dense_on_random_shapes(rows, cols, block, spar
     b = torch.randn(rows) if bias else None
     x = torch.randn(tokens, cols)
     expected = torch.nn.functional.linear(x, weight, b)
-    candidates = [("csr", None)] + ([("bsr", block)] if block[0] == block[1] else [])
+    candidates = [("csr", None), ("row_blocks", None), ("row_blocks", block)]
+    candidates += [("bsr", block)] if block[0] == block[1] else []
     for name, blocksize in candidates:
         layout = LAYOUTS[name].fit(weight, "w", blocksize)
         got = layout.linear(x, layout.pack(weight), b)

@@ -1,9 +1,10 @@
 """Sparse inference: turn zero-filled dense weights into modules that skip the zeros.
 
-``to_sparse`` picks a torch sparse layout (CSR, BSR, 2:4 semi-structured) per layer, or
-keeps it dense, by timing on real inputs; ``sparse_quantize`` produces int8
-``torch.ao.nn.sparse.quantized`` Linear modules. Nothing here imports the sparsifiers:
-deployment consumes weights, whatever made their zeros.
+``to_sparse`` picks a sparse layout per layer (torch's CSR, BSR and 2:4 semi-structured,
+or prunekit's own row-block CPU kernel), or keeps it dense, by timing on real inputs;
+``sparse_quantize`` produces int8 ``torch.ao.nn.sparse.quantized`` Linear modules.
+Nothing here imports the sparsifiers: deployment consumes weights, whatever made their
+zeros.
 """
 
 from prunekit.deploy.convert import to_sparse
@@ -13,6 +14,7 @@ from prunekit.deploy.layouts import (
     CsrLayout,
     DenseLayout,
     Layout,
+    RowBlockLayout,
     SemiStructuredLayout,
     infer_blocksize,
     register_layout,
@@ -35,6 +37,7 @@ __all__ = [
     "LayerChoice",
     "Layout",
     "QnnpackSparseDynamicLinear",
+    "RowBlockLayout",
     "SemiStructuredLayout",
     "SparseConv1x1",
     "SparseLinear",

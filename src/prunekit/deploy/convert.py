@@ -232,12 +232,12 @@ def to_sparse(
 
     ``layout`` is ``"auto"`` (time every fitting layout on the layer's input from
     ``example_inputs``; keep a sparse one only if it beats dense by ``margin``) or a name in
-    ``LAYOUTS`` (``"dense"``, ``"csr"``, ``"bsr"``, ``"semi_structured"``). ``modules``
-    restricts the layers (fqns); otherwise every supported layer with zeros is considered.
-    BSR blocks come from ``blocksize``, else ``module.sparse_params["sparse_block_shape"]``,
-    else the zeros' own block structure. Returns the model (a copy unless ``inplace``) with
-    ``model.deploy_report`` saying what each layer got and why; on any error the model is
-    left unchanged.
+    ``LAYOUTS`` (``"dense"``, ``"csr"``, ``"bsr"``, ``"row_blocks"``, ``"semi_structured"``).
+    ``modules`` restricts the layers (fqns); otherwise every supported layer with zeros is
+    considered. Blocks (BSR, row blocks) come from ``blocksize``, else
+    ``module.sparse_params["sparse_block_shape"]``, else the zeros' own block structure.
+    Returns the model (a copy unless ``inplace``) with ``model.deploy_report`` saying what
+    each layer got and why; on any error the model is left unchanged.
 
     >>> model = nn.Sequential(nn.Linear(64, 64))
     >>> with torch.no_grad():

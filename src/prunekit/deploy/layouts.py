@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prunekit.deploy import native
 from prunekit.errors import ConfigError, ConfigTypeError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "CsrLayout",
     "DenseLayout",
     "Layout",
+    "RowBlockLayout",
     "SemiStructuredLayout",
     "infer_blocksize",
     "register_layout",
@@ -208,6 +210,75 @@ class BsrLayout(Layout):
 
     def describe(self) -> str:
         return f"bsr{self.blocksize[0]}x{self.blocksize[1]}"
+
+
+# Block widths the row-block kernel tries, widest first (fewest indices per nonzero).
+_ROW_BLOCK_WIDTHS = (16, 8, 4, 2)
+
+
+def infer_row_block_width(weight: torch.Tensor) -> int:
+    """The widest run ``c`` such that 1 x c blocks store at most 2% of the weight beyond
+    its true density (as ``infer_blocksize``); 1 when the zeros have no row structure."""
+    nonzero = weight.detach() != 0
+    density = nonzero.float().mean().item()
+    cols = nonzero.shape[1]
+    for width in _ROW_BLOCK_WIDTHS:
+        if cols % width == 0 and _stored_fraction(nonzero, (1, width)) <= density + 0.02:
+            return width
+    return 1
+
+
+@register_layout
+class RowBlockLayout(Layout):
+    """Rows of 1 x c blocks (c = 1 is plain CSR) multiplied by prunekit's own CPU kernel
+    (``prunekit.deploy.native``): one index per block, so 1x4 and other non-square
+    blocks that torch's CPU BSR refuses run block-wise; any (r, c) block is r rows of
+    1 x c blocks. Stored as a torch BSR tensor with blocksize (1, c)."""
+
+    name = "row_blocks"
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    @classmethod
+    def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
+        check_float_weight(weight, where)
+        if weight.dtype not in (torch.float32, torch.float64):
+            raise ConfigError(
+                f"{where}: layout 'row_blocks' multiplies float32/float64 weights; got "
+                f"{weight.dtype} (use 'dense', or 'semi_structured' on CUDA)"
+            )
+        if weight.device.type != "cpu":
+            raise ConfigError(
+                f"{where}: layout 'row_blocks' is a CPU kernel; the weight is on "
+                f"{weight.device} (use 'bsr' or 'semi_structured' there)"
+            )
+        cols = weight.shape[1]
+        width = int(blocksize[1]) if blocksize is not None else infer_row_block_width(weight)
+        if width < 1 or cols % width:
+            raise ConfigError(
+                f"{where}: row blocks of width {width} do not divide the {cols} input "
+                "features of the weight"
+            )
+        error = native.row_block_kernel_error()
+        if error is not None:
+            raise ConfigError(
+                f"{where}: layout 'row_blocks' needs prunekit's C++ kernel, which could not "
+                f"be built here (a C++ compiler and ninja are needed): {error}"
+            )
+        return cls(width)
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        with _quiet_beta():
+            return weight.detach().contiguous().to_sparse_bsr((1, self.width))
+
+    def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        # (out, tokens) transposed back: a view, which the next row-block layer (after an
+        # elementwise activation, which keeps the strides) reads without a copy.
+        return native.row_block_linear_t(x2d.T, packed, bias).T
+
+    def describe(self) -> str:
+        return f"row_blocks1x{self.width}"
 
 
 def is_two_four(weight: torch.Tensor) -> bool:

@@ -1,0 +1,125 @@
+"""prunekit's row-block CPU kernel: equal to dense on every tile edge, refusals, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunekit.deploy import RowBlockLayout, SparseLinear, native, to_sparse
+from prunekit.deploy.layouts import infer_row_block_width
+from prunekit.errors import ConfigError, ConfigTypeError
+from tests.deploy._models import block_sparse, sparse_mlp
+from tests.helpers import assert_unchanged, snapshot
+
+pytestmark = pytest.mark.skipif(
+    native.row_block_kernel_error() is not None,
+    reason=f"the row-block kernel does not build here: {native.row_block_kernel_error()}",
+)
+
+
+def _apply(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, width: int):
+    layout = RowBlockLayout.fit(weight, "layer 'w'", (1, width))
+    return layout.linear(x, layout.pack(weight), bias)
+
+
+# 1 token takes the vector path; 64 is one full register tile; 63/65/130 leave a rest.
+@pytest.mark.parametrize("tokens", [0, 1, 2, 63, 64, 65, 130])
+@pytest.mark.parametrize("width", [1, 4, 16])
+def test_every_tile_edge_matches_dense(tokens, width):
+    weight = block_sparse(48, 64, (1, width), 0.8)
+    bias = torch.randn(48)
+    x = torch.randn(tokens, 64)
+    got = _apply(weight, x, bias, width)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    blocks=st.integers(1, 12),
+    width=st.sampled_from([1, 2, 4, 8]),
+    sparsity=st.floats(0.0, 1.0),
+    tokens=st.integers(1, 80),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_random_shapes_and_dtypes_match_dense(rows, blocks, width, sparsity, tokens, bias, dtype):
+    weight = block_sparse(rows, blocks * width, (1, width), sparsity).to(dtype)
+    b = torch.randn(rows, dtype=dtype) if bias else None
+    x = torch.randn(tokens, blocks * width, dtype=dtype)
+    got = _apply(weight, x, b, width)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b))
+
+
+def test_square_blocks_run_as_rows_of_the_inferred_width():
+    weight = block_sparse(64, 128, (4, 4), 0.9)
+    assert RowBlockLayout.fit(weight, "w", None).describe() == "row_blocks1x4"
+    assert infer_row_block_width(block_sparse(64, 128, (16, 16), 0.9)) == 16
+    assert infer_row_block_width(weight * (torch.rand(64, 128) > 0.5)) == 1  # zeros inside
+
+
+def test_a_chain_passes_transposed_activations_between_layers():
+    """fc1's output is a transposed view; GELU keeps its strides and fc2 reads it as is."""
+    model = sparse_mlp((1, 4))
+    deployed = to_sparse(model, layout="row_blocks")
+    x = torch.randn(3, 7, 64)
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
+    x_t = torch.randn(64, 21).T  # a non-contiguous input
+    torch.testing.assert_close(deployed(x_t), model(x_t), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_times_it_with_the_other_layouts():
+    auto = to_sparse(sparse_mlp((1, 4)), torch.randn(64, 64))
+    assert "row_blocks1x4" in auto.deploy_report["0"].times_ms
+
+
+@pytest.mark.parametrize(
+    ("weight", "blocksize", "error", "message"),
+    [
+        (block_sparse(8, 12, (1, 4), 0.5), (1, 8), ConfigError, r"width 8 do not divide the 12"),
+        (torch.zeros(8, 8, dtype=torch.float16), None, ConfigError, r"float32/float64.*float16"),
+        (torch.zeros(8, 8, dtype=torch.int8), None, ConfigTypeError, r"dtype is torch.int8"),
+        (torch.zeros(8, 8, device="meta"), None, ConfigError, r"CPU kernel; the weight is on meta"),
+    ],
+)
+def test_misfits_name_the_layer(weight, blocksize, error, message):
+    with pytest.raises(error, match=rf"layer 'fc'.*{message}"):
+        RowBlockLayout.fit(weight, "layer 'fc'", blocksize)
+
+
+def test_the_op_checks_its_operands():
+    packed = block_sparse(8, 16, (1, 4), 0.5).to_sparse_bsr((1, 4))
+    args = (packed.crow_indices(), packed.col_indices(), packed.values())
+    with pytest.raises(RuntimeError, match="bias has 3 entries for 8 rows"):
+        torch.ops.prunekit.row_block_linear_t(torch.randn(16, 2), *args, torch.randn(3))
+    with pytest.raises(RuntimeError, match="values must have the input's dtype"):
+        torch.ops.prunekit.row_block_linear_t(torch.randn(16, 2, dtype=torch.float64), *args, None)
+
+
+def test_without_a_compiler_the_layout_is_refused_and_auto_skips_it(monkeypatch):
+    monkeypatch.setattr(native, "row_block_kernel_error", lambda: "OSError: no g++")
+    model = sparse_mlp((1, 4))
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"layer '0'.*needs prunekit's C\+\+ kernel.*no g\+\+"):
+        to_sparse(model, layout="row_blocks", inplace=True)
+    assert_unchanged(before, model)
+    auto = to_sparse(model, torch.randn(8, 64))
+    assert any("no g++" in s for s in auto.deploy_report["0"].skipped)
+    with pytest.raises(RuntimeError, match="not available here: OSError: no g"):
+        packed = torch.zeros(8, 64).to_sparse_bsr((1, 4))
+        native.row_block_linear_t(torch.randn(64, 1), packed, None)
+
+
+def test_a_conv1x1_runs_on_it():
+    conv = nn.Conv2d(32, 16, 1)
+    with torch.no_grad():
+        conv.weight.copy_(block_sparse(16, 32, (1, 4), 0.7).reshape(16, 32, 1, 1))
+    model = nn.Sequential(conv).eval()
+    deployed = to_sparse(model, layout="row_blocks")
+    x = torch.randn(2, 32, 5, 5)
+    assert isinstance(deployed[0], SparseLinear)
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)

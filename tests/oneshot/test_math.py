@@ -12,6 +12,7 @@ from prunekit.errors import ConfigError
 from prunekit.masks import lowest_k
 from prunekit.sparsifier.oneshot_math import (
     admm_prune,
+    damped_cholesky,
     damped_inverse_cholesky,
     masked_least_squares,
     prune_count,
@@ -85,6 +86,23 @@ def test_damped_inverse_cholesky_factors_the_damped_inverse():
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(12, dtype=h.dtype)
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
     assert torch.equal(upper, upper.triu())
+
+
+@pytest.mark.parametrize("factor", ["inverse", "direct"])
+def test_an_indefinite_hessian_is_damped_until_it_factors_and_left_as_it_was(factor):
+    """Eigenvalues 4 and -2 (mean diagonal 1): damping 0.01, 0.1 and 1 fail, 10 works.
+    Each try factors a fresh damped copy, since a failed in-place one leaves garbage."""
+    h = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    before = h.clone()
+    damped = (h + 10.0 * torch.eye(2)).double()
+    if factor == "inverse":
+        upper = damped_inverse_cholesky(h, 0.01).double()
+        torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped))
+    else:
+        upper = damped_cholesky(h, 0.01)
+        torch.testing.assert_close(upper.T @ upper, damped)
+    assert torch.equal(upper, upper.triu())
+    assert torch.equal(h, before)
 
 
 @pytest.mark.parametrize(

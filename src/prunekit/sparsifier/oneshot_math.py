@@ -100,8 +100,7 @@ def damped_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     ``torch.cholesky_solve(..., upper=True)``), damped as in ``damped_inverse_cholesky``."""
 
     def upper(h: torch.Tensor) -> torch.Tensor | None:
-        factor, info = torch.linalg.cholesky_ex(h, upper=True)
-        return factor if int(info) == 0 else None
+        return h if _cholesky_in_place(h, upper=True) else None
 
     return _damped_factor(hessian, percdamp, torch.float64, upper)
 
@@ -113,19 +112,21 @@ def _damped_factor(
     factor: Callable[[torch.Tensor], torch.Tensor | None],
 ) -> torch.Tensor:
     """``factor(H + λI)`` in ``dtype`` for the first damping, from ``percdamp`` up, at
-    which it works (None from ``factor``: not positive definite)."""
-    h = hessian.detach().to(dtype, copy=True)
-    if not bool(torch.isfinite(h).all()):
+    which it works (None from ``factor``: not positive definite). ``factor`` may
+    overwrite its argument: one working matrix besides ``hessian``, refilled per try."""
+    hessian = hessian.detach()
+    if not bool(torch.isfinite(hessian).all()):
         raise ConfigError(
             "SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
             "of this layer are not finite"
         )
-    diag = h.diagonal()
-    diag[diag <= 0] = 1.0
-    undamped = diag.clone()
+    dead = hessian.diagonal() <= 0
+    undamped = hessian.diagonal().to(dtype).masked_fill(dead, 1.0)
     scale = float(undamped.mean())
+    h = torch.empty_like(hessian, dtype=dtype)
     for damp in (percdamp, *(d for d in _DAMP_RETRIES if d > percdamp)):
-        diag.copy_(undamped).add_(damp * scale)  # in place: no second matrix
+        h.copy_(hessian)
+        h.diagonal().copy_(undamped).add_(damp * scale)
         result = factor(h)
         if result is not None:
             return result
@@ -135,18 +136,23 @@ def _damped_factor(
     )
 
 
+def _cholesky_in_place(h: torch.Tensor, upper: bool = False) -> bool:
+    """Overwrite ``h`` by its Cholesky factor; False if ``h`` is not positive definite."""
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, upper=upper, out=(h, info))
+    return int(info) == 0
+
+
 def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
-    """Upper ``U`` with ``UᵀU = H⁻¹`` without forming ``H⁻¹``: the Cholesky factor of
-    ``H`` with rows and columns reversed, flipped back, is an upper ``R`` with
-    ``H = R Rᵀ``, so ``U = R⁻¹`` (one triangular solve). None if ``H`` is not PD."""
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
-    if int(info) != 0:
+    """Upper ``U`` with ``UᵀU = H⁻¹``, computed in ``h`` itself (Cholesky of ``H``, the
+    inverse from it, the upper Cholesky of that): the layer's Hessians are the peak of
+    SparseGPT's memory, so no second matrix. None if ``H`` is not positive definite."""
+    if not _cholesky_in_place(h):
         return None
-    flipped = lower.flip(0, 1)
-    del lower  # one matrix fewer alive at once (the layer's Hessians are the peak here)
-    upper = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    torch.linalg.solve_triangular(flipped, upper, upper=True, out=upper)
-    return upper if bool(torch.isfinite(upper).all()) else None
+    torch.cholesky_inverse(h, out=h)
+    if not _cholesky_in_place(h, upper=True):
+        return None
+    return h if bool(torch.isfinite(h).all()) else None
 
 
 def _block_prune_mask(wt: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:

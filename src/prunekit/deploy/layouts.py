@@ -151,6 +151,20 @@ def _stored_fraction(nonzero: torch.Tensor, block: tuple[int, int]) -> float:
     return blocks.any(dim=3).any(dim=1).float().mean().item()
 
 
+def _coarsest_fitting_block(
+    nonzero: torch.Tensor, density: float, candidates: tuple[tuple[int, int], ...]
+) -> tuple[int, int] | None:
+    """The first of ``candidates`` that divides the weight and whose blocks with any
+    nonzero store at most 2% of the weight beyond its true ``density``."""
+    rows, cols = nonzero.shape
+    for block in candidates:
+        if rows % block[0] or cols % block[1]:
+            continue
+        if _stored_fraction(nonzero, block) <= density + 0.02:
+            return block
+    return None
+
+
 def infer_blocksize(weight: torch.Tensor) -> tuple[int, int] | None:
     """The coarsest block shape whose all-zero blocks hold (nearly) all of the zeros.
 
@@ -161,13 +175,7 @@ def infer_blocksize(weight: torch.Tensor) -> tuple[int, int] | None:
     density = nonzero.float().mean().item()
     if density >= 1.0:
         return None
-    rows, cols = nonzero.shape
-    for block in _BLOCK_CANDIDATES:
-        if rows % block[0] or cols % block[1]:
-            continue
-        if _stored_fraction(nonzero, block) <= density + 0.02:
-            return block
-    return None
+    return _coarsest_fitting_block(nonzero, density, _BLOCK_CANDIDATES)
 
 
 @register_layout
@@ -212,8 +220,8 @@ class BsrLayout(Layout):
         return f"bsr{self.blocksize[0]}x{self.blocksize[1]}"
 
 
-# Block widths the row-block kernel tries, widest first (fewest indices per nonzero).
-_ROW_BLOCK_WIDTHS = (16, 8, 4, 2)
+# Row blocks the row-block kernel tries, widest first (fewest indices per nonzero).
+_ROW_BLOCKS = ((1, 16), (1, 8), (1, 4), (1, 2))
 
 
 def infer_row_block_width(weight: torch.Tensor) -> int:
@@ -221,11 +229,8 @@ def infer_row_block_width(weight: torch.Tensor) -> int:
     its true density (as ``infer_blocksize``); 1 when the zeros have no row structure."""
     nonzero = weight.detach() != 0
     density = nonzero.float().mean().item()
-    cols = nonzero.shape[1]
-    for width in _ROW_BLOCK_WIDTHS:
-        if cols % width == 0 and _stored_fraction(nonzero, (1, width)) <= density + 0.02:
-            return width
-    return 1
+    block = _coarsest_fitting_block(nonzero, density, _ROW_BLOCKS)
+    return 1 if block is None else block[1]
 
 
 @register_layout

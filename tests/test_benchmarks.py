@@ -51,3 +51,30 @@ def test_oneshot_only_re_measures_the_named_rows_and_keeps_the_others(tmp_path):
     assert by[("wanda", "50%")]["perplexity"] == 2.0
     assert by[("sparsegpt", "2:4")]["perplexity"] == 1.0
     assert by[("dense", "0%")]["perplexity"] > 1.0 and by[("sparsegpt", "50%")]["prune s"] > 0
+
+
+def _deploy_row(sparsity: float, dense_ms: float = 1.0, x: float = 2.0) -> dict:
+    return {"shape": "fc1", "tokens": 32, "pattern": "1x4", "sparsity": sparsity,
+            "dense_ms": dense_ms, "csr_x": x, "bsr_x": None, "row_blocks_x": x,
+            "sparse_int8_x": x}
+
+
+def test_deploy_re_measures_only_the_cells_that_ran_disturbed():
+    """A sparse layout far slower than at the sparsity below, or a dense time far above
+    its peers', is measured again (the least disturbed run kept); plausible cells are not."""
+    from benchmarks.deploy import remeasure_stalls
+
+    oversubscribed = {**_deploy_row(0.9), "row_blocks_x": 0.1}
+    stalled = _deploy_row(0.95, dense_ms=5.0)
+    rows = [_deploy_row(0.5, x=1.0), _deploy_row(0.7, x=1.5), oversubscribed, stalled]
+    calls = []
+
+    def measure(row: dict) -> dict:
+        calls.append(row["sparsity"])
+        return _deploy_row(row["sparsity"], x=3.0)
+
+    assert remeasure_stalls(rows, measure) == 2
+    assert calls == [0.9, 0.95]
+    assert rows[2]["row_blocks_x"] == 3.0 and rows[3]["dense_ms"] == 1.0
+    assert remeasure_stalls([_deploy_row(0.5, x=1.0), _deploy_row(0.9, x=0.9)],
+                            lambda row: pytest.fail("a plausible cell was re-measured")) == 0

@@ -3,6 +3,11 @@ ADMM solvers."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -85,7 +90,7 @@ def test_damped_inverse_cholesky_factors_the_damped_inverse():
     upper = damped_inverse_cholesky(h, 0.01).double()
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(12, dtype=h.dtype)
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
-    assert torch.equal(upper, upper.triu())
+    assert torch.equal(upper, upper.triu()) and upper.is_contiguous()
 
 
 @pytest.mark.parametrize("factor", ["inverse", "direct"])
@@ -118,11 +123,47 @@ def test_singular_hessians_give_finite_weights(hessian):
     assert torch.equal(new == 0, ~keep | (w == 0))
 
 
-def test_nan_hessian_is_refused():
-    h = torch.eye(4)
-    h[0, 1] = float("nan")
+@pytest.mark.parametrize("where", [(0, 1), (79, 3)], ids=["first-rows", "last-rows"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_hessians_are_refused(where, value):
+    h = torch.eye(80)
+    h[where] = value
     with pytest.raises(ConfigError, match="NaN or inf"):
         damped_inverse_cholesky(h, 0.01)
+
+
+_FACTOR_MEMORY = """
+import sys, torch
+from pathlib import Path
+from prunekit.sparsifier.oneshot_math import damped_cholesky, damped_inverse_cholesky
+torch.set_num_threads(1)
+def kib(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(key + ":"))
+    return int(line.split()[1])
+n = 1536
+x = torch.randn(2 * n, n)
+h = (x.T @ x).double() if sys.argv[1] == "direct" else x.T @ x
+factor = damped_cholesky if sys.argv[1] == "direct" else damped_inverse_cholesky
+factor(h, 0.01)  # first use loads LAPACK's code pages
+Path("/proc/self/clear_refs").write_text("5")
+before = kib("VmRSS")
+factor(h, 0.01)
+print((kib("VmHWM") - before) * 1024 / h.numel() / h.element_size())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("factor", ["inverse", "direct"])
+def test_the_factor_is_computed_in_one_matrix(factor):
+    """Peak resident memory of factoring a 1536² Hessian, in units of the Hessian: one
+    working matrix. LAPACK writing into row-major memory, or a whole-matrix isfinite,
+    would each add one or two more. A fresh process with glibc mapping every tensor on
+    its own, so freed memory is not reused unseen."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    run = subprocess.run([sys.executable, "-c", _FACTOR_MEMORY, factor], env=env,
+                         capture_output=True, text=True, check=True)
+    assert float(run.stdout) < 1.3
 
 
 def naive_obs(w: torch.Tensor, h: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
@@ -258,6 +299,9 @@ def test_admm_beats_exact_sparsegpt_and_its_weights_are_exact_for_its_mask(nm):
     # over 40 random layers: unstructured 0.35x at worst, 2:4 0.96x (the mask is tighter)
     assert objective(w, admm, h) < (0.9 if nm is None else 1.0) * objective(w, sparsegpt, h)
     assert torch.equal(admm != 0, keep)
+    before = h.clone()
+    assert torch.equal(admm_prune(w, h, 0.5, nm)[1], keep)  # float64 in: worked on a copy
+    assert torch.equal(h, before)
     own = h + torch.diag(0.01 * h.diagonal())
     oracle = torch.zeros(48, 64, dtype=torch.float64)
     for i, kept in enumerate(keep):

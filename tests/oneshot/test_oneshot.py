@@ -95,6 +95,30 @@ def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypa
                     for i in range(3) for stage in stages]
 
 
+def test_a_stage_solves_with_its_raw_hessians_already_freed(llama, batches, monkeypatch):
+    """Only the factors reach the solve: the raw Hessians (as large) are gone by then."""
+    held = []
+    update = SparseGPTSparsifier.update_mask
+
+    def spy(self, *args, **kwargs):
+        held.append(dict(self._stats))
+        update(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparseGPTSparsifier, "update_mask", spy)
+    prunekit.oneshot(copy.deepcopy(llama), batches, "sparsegpt", progress=False)
+    assert len(held) == 21 and not any(held)
+
+
+def test_the_heap_is_trimmed_before_every_block(llama, batches, monkeypatch):
+    from prunekit.oneshot import engine
+
+    engine.release_free_heap()  # the real one is harmless wherever it runs
+    calls = []
+    monkeypatch.setattr(engine, "release_free_heap", lambda: calls.append(1))
+    prunekit.oneshot(copy.deepcopy(llama), batches, "wanda", progress=False)
+    assert len(calls) == 3
+
+
 def test_masks_exist_for_one_block_at_a_time(llama, batches):
     model = copy.deepcopy(llama)
     seen = []

@@ -13,9 +13,11 @@ width`` floats.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,14 @@ from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
-__all__ = ["BlockInput", "call_model", "capture_inputs", "inference_context", "run_sequential"]
+__all__ = [
+    "BlockInput",
+    "call_model",
+    "capture_inputs",
+    "inference_context",
+    "release_free_heap",
+    "run_sequential",
+]
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +260,25 @@ def _stop(module: nn.Module, args: tuple[Any, ...]) -> None:
     raise _Reached
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc only; a no-op elsewhere).
+
+    A block's forwards free their small allocations in an order glibc cannot trim, and
+    the pages stay resident: about 20 MiB per block on SmolLM2 (4 MiB after the
+    capture), under the peak of every later block."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
     """Replace every record's hidden states by ``block``'s output on it."""
     for record in inputs:
@@ -276,6 +304,7 @@ def run_sequential(
     bar = tqdm(blocks, desc=type(template).__name__, unit="block",
                disable=None if progress else True)
     for index, (fqn, block) in enumerate(bar):
+        release_free_heap()  # what the capture or the last block's forwards left behind
         start = time.perf_counter()
         if dense is not None:
             dense.begin(fqn, block)

@@ -204,7 +204,9 @@ class CalibratedSparsifier(BaseSparsifier):
         """Prune every prepared layer (or only ``tensor_fqns``) from its statistics.
 
         All named layers must have been calibrated; every check runs before any weight
-        or mask changes. Statistics are freed once used.
+        or mask changes. The raw statistics are freed as soon as every named layer's is
+        prepared (SparseGPT: factored), so a Hessian and its factor never meet the
+        solve's own memory.
         """
         if not self.enable_mask_update:
             return
@@ -220,9 +222,9 @@ class CalibratedSparsifier(BaseSparsifier):
             )
         with torch.no_grad():
             ready = self._prepare_statistics(groups)
+            for group in groups:
+                del self._stats[group["tensor_fqn"]], self._tokens[group["tensor_fqn"]]
             for group, statistic in zip(groups, ready, strict=True):
-                fqn = group["tensor_fqn"]
                 self.update_mask(**group, statistic=statistic)
-                del self._stats[fqn], self._tokens[fqn]
                 module = group["module"]
                 _fake_sparsity(module, "weight").apply_(self._original(module, "weight"))

@@ -100,7 +100,7 @@ def damped_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     ``torch.cholesky_solve(..., upper=True)``), damped as in ``damped_inverse_cholesky``."""
 
     def upper(h: torch.Tensor) -> torch.Tensor | None:
-        return h if _cholesky_in_place(h, upper=True) else None
+        return h if _upper_cholesky_in_place(h) else None
 
     return _damped_factor(hessian, percdamp, torch.float64, upper)
 
@@ -115,7 +115,7 @@ def _damped_factor(
     which it works (None from ``factor``: not positive definite). ``factor`` may
     overwrite its argument: one working matrix besides ``hessian``, refilled per try."""
     hessian = hessian.detach()
-    if not bool(torch.isfinite(hessian).all()):
+    if not _all_finite(hessian):
         raise ConfigError(
             "SparseGPT: the Hessian holds NaN or inf; the calibration inputs "
             "of this layer are not finite"
@@ -136,23 +136,36 @@ def _damped_factor(
     )
 
 
-def _cholesky_in_place(h: torch.Tensor, upper: bool = False) -> bool:
-    """Overwrite ``h`` by its Cholesky factor; False if ``h`` is not positive definite."""
+def _upper_cholesky_in_place(h: torch.Tensor) -> bool:
+    """Overwrite the symmetric, row-major ``h`` by its upper Cholesky factor ``U``
+    (``UᵀU = H``); False if ``h`` is not positive definite.
+
+    LAPACK works on column-major memory, and a row-major ``out=`` costs a temporary
+    copy of the matrix. ``h.mT`` is the same symmetric matrix stored column-major, and
+    its lower factor ``L = Uᵀ``, written there, is ``U`` in ``h``'s own layout."""
     info = torch.empty((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(h, upper=upper, out=(h, info))
+    column_major = h.mT
+    torch.linalg.cholesky_ex(column_major, out=(column_major, info))
     return int(info) == 0
 
 
 def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
     """Upper ``U`` with ``UᵀU = H⁻¹``, computed in ``h`` itself (Cholesky of ``H``, the
-    inverse from it, the upper Cholesky of that): the layer's Hessians are the peak of
-    SparseGPT's memory, so no second matrix. None if ``H`` is not positive definite."""
-    if not _cholesky_in_place(h):
+    inverse from it, the upper Cholesky of that), without a copy: the layer's Hessians
+    are the peak of SparseGPT's memory. None if ``H`` is not positive definite."""
+    if not _upper_cholesky_in_place(h):
         return None
-    torch.cholesky_inverse(h, out=h)
-    if not _cholesky_in_place(h, upper=True):
+    column_major = h.mT  # holds L = Uᵀ, lower; its inverse product is H⁻¹, symmetric
+    torch.cholesky_inverse(column_major, out=column_major)
+    if not _upper_cholesky_in_place(h):
         return None
-    return h if bool(torch.isfinite(h).all()) else None
+    return h if _all_finite(h) else None
+
+
+def _all_finite(matrix: torch.Tensor, rows: int = 64) -> bool:
+    """``torch.isfinite(matrix).all()``, a few rows at a time: the whole-matrix check
+    allocates two temporaries the size of the matrix."""
+    return all(bool(torch.isfinite(chunk).all()) for chunk in matrix.split(rows))
 
 
 def _block_prune_mask(wt: torch.Tensor, d: torch.Tensor, count: int) -> torch.Tensor:
@@ -341,13 +354,13 @@ def admm_prune(
     """
     if iters < 2:
         raise ConfigError(f"ADMM: iters must be at least 2, got {iters}")
-    h = hessian.detach().to(torch.float64)
+    h = hessian.detach().to(torch.float64, copy=True)
     if not bool(torch.isfinite(h).all()):
         raise ConfigError("ADMM: the Hessian holds NaN or inf; the calibration inputs of "
                           "this layer are not finite")
     scale = h.diagonal().clamp_min(0).sqrt()
     scale[scale == 0] = 1.0  # dead inputs: only the damping holds their weights
-    hn = h / scale[:, None] / scale[None, :]
+    hn = h.div_(scale[:, None]).div_(scale[None, :])  # in the float64 copy: one n x n less
     hn.diagonal().add_(percdamp)
     eigenvalues, basis = torch.linalg.eigh(hn)
     eigenvalues, basis, hn, scale = eigenvalues.float(), basis.float(), hn.float(), scale.float()

@@ -91,10 +91,10 @@ def block_forward_mib(model: torch.nn.Module, batch: torch.Tensor) -> float | No
     forward of its first block adds on ``batch`` (None off Linux)."""
     with inference_context(model):
         model(batch)
-        first = resolve_blocks(model, "auto")[0]
-        (record,) = capture_inputs(model, first, [batch])
+        blocks = resolve_blocks(model, "auto")
+        (record,) = capture_inputs(model, blocks, [batch])
         _trim()
-        return peak_extra_mib(lambda: forward_until(first[1], record, None))
+        return peak_extra_mib(lambda: forward_until(blocks[0][1], record, None))
 
 
 def cut(model: torch.nn.Module, blocks: int) -> torch.nn.Module:

@@ -140,7 +140,7 @@ def test_inputs_repeated_across_batches_are_kept_once(llama, batches):
     from prunekit.oneshot.engine import capture_inputs, inference_context
 
     with inference_context(llama):
-        records = capture_inputs(llama, resolve_blocks(llama, "auto")[0], batches)
+        records = capture_inputs(llama, resolve_blocks(llama, "auto"), batches)
     first = records[0].kwargs["position_embeddings"]
     assert all(r.kwargs["position_embeddings"] is first for r in records[1:])
     hidden = [r.args[0] if r.args else r.kwargs["hidden_states"] for r in records]
@@ -162,7 +162,7 @@ def test_inputs_that_differ_across_batches_are_kept_apart():
     block = Scaled()
     same, other = torch.ones(4), torch.full((4,), 2.0)
     batches = [(torch.randn(3, 4), scale, same.clone()) for scale in (same, other, same.clone())]
-    records = capture_inputs(block, ("", block), batches)
+    records = capture_inputs(block, [("", block)], batches)
     assert [r.args[1] is records[0].args[1] for r in records] == [True, False, True]
     assert all(r.args[2] is records[0].args[2] for r in records)
 
@@ -292,6 +292,23 @@ def test_a_batch_the_plain_model_rejects_fails_before_any_change():
         prunekit.oneshot(model, [torch.randn(4, 16), torch.randn(4, 15)], "wanda", progress=False)
     with pytest.raises(ConfigError, match="batch 0: the model's forward failed"):
         prunekit.oneshot(model, [torch.randn(4, 16, dtype=torch.float64)], "wanda", progress=False)
+    assert_unchanged(before, model)
+
+
+def test_a_stack_the_forward_never_calls_is_refused_before_any_change():
+    class Detour(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(16, 16)
+            self.unused = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Detour()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"batch 0: the forward never reached block 'unused\.0'"):
+        prunekit.oneshot(model, [torch.randn(4, 16)], "wanda", blocks="unused", progress=False)
     assert_unchanged(before, model)
 
 

@@ -205,7 +205,7 @@ def oneshot(
                    for block, names in per_block.items()}
         sparsifier.check_config(model, [entry for config in configs.values() for entry in config])
         with inference_context(model):
-            inputs = capture_inputs(model, stack[0], batches)
+            inputs = capture_inputs(model, stack, batches)
             dense = DenseStream(inputs, percdamp) if dense_targets else None
             run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
     return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}

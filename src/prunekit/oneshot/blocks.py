@@ -1,7 +1,7 @@
 """Which blocks to run one after another, and which layers of them to prune.
 
 Hugging Face decoder stacks are found by name (``model.layers`` for Llama, Gemma,
-Mistral, Qwen; ``model.decoder.layers`` for OPT; ``transformer.h``; ...), or else as the
+Mistral, Qwen; ``model.decoder.layers`` for OPT; ``gpt_neox.layers``; ...), or else as the
 largest ``nn.ModuleList`` of same-typed blocks holding Linear layers. A plain module
 names its stack with ``blocks="fqn"`` or is calibrated as one block.
 """
@@ -54,9 +54,12 @@ def find_decoder_stack(model: nn.Module) -> str:
         if name and isinstance(module, nn.ModuleList) and _is_stack(module)
     }
     if not sizes:
+        named = next((fqn for fqn in _KNOWN_STACKS if fqn_to_module(model, fqn) is not None), None)
+        why = (f"; {named!r} holds no nn.Linear (transformers' Conv1D, as in GPT-2, is not "
+               "supported)" if named else "")
         raise ConfigError(
             f"{type(model).__name__}: no stack of transformer blocks found (an nn.ModuleList of "
-            "same-typed blocks with Linear layers); pass blocks='<fqn of the stack>' or "
+            f"same-typed blocks with Linear layers){why}; pass blocks='<fqn of the stack>' or "
             "blocks=None to calibrate the whole model at once"
         )
     return max(sizes, key=sizes.__getitem__)

@@ -79,7 +79,7 @@ class DenseStream:
     """
 
     def __init__(self, inputs: list[BlockInput], percdamp: float) -> None:
-        self.inputs = [type(r)(r.args, dict(r.kwargs)) for r in inputs]
+        self.inputs = [record.copy() for record in inputs]
         self.percdamp = percdamp
         self.block: nn.Module | None = None
         self.prefix = ""

@@ -19,7 +19,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,18 +45,24 @@ log = logging.getLogger(__name__)
 
 
 class _Reached(Exception):
-    """Raised by the capture hook to stop the forward at the first block."""
+    """Raised by a hook to end a forward early, once it reached what it was run for."""
 
 
 @dataclass
 class BlockInput:
-    """What one calibration batch passes to a block: ``block(*args, **kwargs)``."""
+    """What one calibration batch passes to a block: ``block(*args, **kwargs)``.
+
+    ``later`` holds, in order, what the batch passes the blocks after this one besides
+    the hidden states (these set to None), when blocks get inputs of their own: a mask
+    or rotary embedding per attention type, as Gemma's sliding and global layers do.
+    Empty when every block gets the first one's."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    later: list[BlockInput] = field(default_factory=list)
 
-    def replace_hidden(self, hidden: torch.Tensor) -> None:
-        """Feed ``hidden`` (the previous block's output) as the next block's input."""
+    def replace_hidden(self, hidden: torch.Tensor | None) -> None:
+        """Feed ``hidden`` (the previous block's output) as this block's input."""
         if self.args:
             self.args = (hidden, *self.args[1:])
         elif "hidden_states" in self.kwargs:
@@ -65,6 +72,18 @@ class BlockInput:
                 f"a block was called with keywords {sorted(self.kwargs)} only; expected the "
                 "hidden states first or as hidden_states="
             )
+
+    def advance(self, hidden: torch.Tensor) -> None:
+        """Become the next block's input: ``hidden`` (this block's output) with the next
+        block's own other inputs, if it has some."""
+        if self.later:
+            following = self.later.pop(0)
+            self.args, self.kwargs = following.args, dict(following.kwargs)
+        self.replace_hidden(hidden)
+
+    def copy(self) -> BlockInput:
+        """An independent record holding the same tensors."""
+        return BlockInput(self.args, dict(self.kwargs), list(self.later))
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -95,27 +114,37 @@ def inference_context(model: nn.Module) -> Iterator[None]:
             config.use_cache = use_cache
 
 
-def capture_inputs(
-    model: nn.Module, first: tuple[str, nn.Module], batches: Sequence[Any]
-) -> list[BlockInput]:
+def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> list[BlockInput]:
     """The inputs of the first block for every batch. The first batch runs through the
     whole model, so that a batch the model rejects anywhere raises ``ConfigError`` before
     any weight changes; the others stop at the first block, unless that block is the
-    whole model (then every batch runs once here, for the same reason)."""
-    fqn, block = first
-    records: list[BlockInput] = []
+    whole model (then every batch runs once here, for the same reason).
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        record = BlockInput(tuple(args), dict(kwargs))
-        if records:
-            record = _shared_with(record, records[0])
-        records.append(record)
-        if len(records) > 1 and block is not model:
+    If the blocks get different inputs besides the hidden states (seen on the first
+    batch, or announced by a config's ``layer_types``), the others run up to the last
+    block instead, and each record keeps the later blocks' inputs too (``later``).
+    Equal tensors (masks, rotary embeddings, positions) are kept once across batches
+    and blocks; hidden states are kept for the first block only."""
+    kept = _Kept()
+    seen: list[BlockInput] = []  # the batch in flight: one record per block reached
+    stop_after: int | None = None  # the block whose input ends a forward early
+
+    def hook(index: int, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        record = kept.share(BlockInput(tuple(args), dict(kwargs)))
+        if index:
+            record.replace_hidden(None)  # later blocks get theirs from the engine
+        seen.append(record)
+        if index == stop_after:
             raise _Reached
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(partial(hook, i), with_kwargs=True)
+               for i, (_, block) in enumerate(blocks)]
+    records: list[BlockInput] = []
+    per_block = False
     try:
         for i, batch in enumerate(batches):
+            seen.clear()
+            kept.new_batch()
             try:
                 call_model(model, batch)
             except _Reached:
@@ -125,36 +154,91 @@ def capture_inputs(
                     f"calibration batch {i}: the model's forward failed: "
                     f"{type(err).__name__}: {err}"
                 ) from err
-            if len(records) != i + 1:
-                raise ConfigError(
-                    f"calibration batch {i}: the forward never reached block {fqn!r}"
-                )
+            if i == 0 and seen:
+                per_block = _inputs_differ(model, seen)
+            needed = len(blocks) if per_block else 1
+            if len(seen) < needed:
+                raise ConfigError(f"calibration batch {i}: the forward never reached block "
+                                  f"{blocks[len(seen)][0]!r}")
+            first, *later = seen[:needed]
+            first.later = later
+            records.append(first)
+            if blocks[0][1] is not model:
+                stop_after = needed - 1
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return records
 
 
-def _shared_with(record: BlockInput, first: BlockInput) -> BlockInput:
-    """``record`` holding ``first``'s own tensors wherever it holds equal ones (rotary
-    embeddings, positions and masks repeat from batch to batch): kept once, not once
-    per batch. The hidden states (the first argument) are never shared."""
-    args = record.args[:1] + tuple(
-        _same(value, other) for value, other in zip(record.args[1:], first.args[1:], strict=False))
-    kwargs = {key: _same(value, first.kwargs.get(key)) for key, value in record.kwargs.items()}
-    return BlockInput(args + record.args[len(args):], kwargs)
+def _inputs_differ(model: nn.Module, records: list[BlockInput]) -> bool:
+    """Whether blocks get inputs of their own besides the hidden states: different ones
+    on this batch (after ``_Kept``, equal tensors are the same object), or attention
+    types that differ per layer (their masks differ only once a sequence is longer than
+    the sliding window)."""
+    first = records[0].copy()
+    first.replace_hidden(None)
+    if any(not _same_objects((r.args, r.kwargs), (first.args, first.kwargs))
+           for r in records[1:]):
+        return True
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    return isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1
 
 
-def _same(value: Any, other: Any) -> Any:
-    """``other`` if it holds the same tensors as ``value`` (a tensor, or a tuple of them
-    as rotary embeddings come), else ``value``."""
-    if isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor):
-        equal = (value.shape == other.shape and value.dtype == other.dtype
-                 and value.device == other.device and torch.equal(value, other))
-        return other if equal else value
-    if isinstance(value, tuple) and isinstance(other, tuple) and len(value) == len(other):
-        parts = tuple(_same(v, o) for v, o in zip(value, other, strict=True))
-        return other if all(p is o for p, o in zip(parts, other, strict=True)) else value
-    return value
+def _same_objects(value: Any, other: Any) -> bool:
+    """The same tensors (by identity) in the same structure, equal plain values."""
+    if isinstance(value, (tuple, list)) and isinstance(other, (tuple, list)):
+        return len(value) == len(other) and all(map(_same_objects, value, other))
+    if isinstance(value, dict) and isinstance(other, dict):
+        return value.keys() == other.keys() and all(
+            _same_objects(value[k], other[k]) for k in value)
+    plain = (bool, int, float, str)
+    return value is other or (type(value) is type(other) and isinstance(value, plain)
+                              and value == other)
+
+
+class _Kept:
+    """Inputs kept once: a tensor (or tuple of them, as rotary embeddings come) equal to
+    one kept before is replaced by that one. The hidden states are never shared."""
+
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.tuples: list[tuple[Any, ...]] = []
+        self.this_batch: dict[int, tuple[Any, Any]] = {}  # id -> (object, kept one)
+
+    def new_batch(self) -> None:
+        self.this_batch.clear()
+
+    def share(self, record: BlockInput) -> BlockInput:
+        args = record.args[:1] + tuple(self._value(v) for v in record.args[1:])
+        kwargs = {key: value if key == "hidden_states" else self._value(value)
+                  for key, value in record.kwargs.items()}
+        return BlockInput(args, kwargs)
+
+    def _value(self, value: Any) -> Any:
+        hit = self.this_batch.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        if isinstance(value, torch.Tensor):
+            result = next((t for t in self.tensors if _equal(value, t)), None)
+            if result is None:
+                self.tensors.append(value)
+                result = value
+        elif isinstance(value, tuple):
+            parts = tuple(self._value(v) for v in value)
+            result = next((t for t in self.tuples if _same_objects(parts, t)), None)
+            if result is None:
+                self.tuples.append(parts)
+                result = parts
+        else:
+            return value
+        self.this_batch[id(value)] = (value, result)
+        return result
+
+
+def _equal(value: torch.Tensor, other: torch.Tensor) -> bool:
+    return (value.shape == other.shape and value.dtype == other.dtype
+            and value.device == other.device and torch.equal(value, other))
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -282,7 +366,7 @@ def release_free_heap() -> None:
 def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
     """Replace every record's hidden states by ``block``'s output on it."""
     for record in inputs:
-        record.replace_hidden(_hidden(forward_until(block, record, None), fqn))
+        record.advance(_hidden(forward_until(block, record, None), fqn))
 
 
 def run_sequential(

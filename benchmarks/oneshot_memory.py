@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -146,20 +147,20 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     hidden = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
     hessians = hessians_mib(model)
-    for row in rows:
-        peak, forward = row["peak extra MiB"], row["block forward MiB"]
-        measured = peak is not None and forward is not None
-        row["x bound"] = peak / (hidden + forward + hessians) if measured else None
     forwards = [row["block forward MiB"] for row in rows if row["block forward MiB"] is not None]
-    forward = f"{min(forwards):.1f}-{max(forwards):.1f}" if forwards else "n/a"
+    forward = statistics.median(forwards) if forwards else 0.0
+    bound = hidden + forward + hessians
+    for row in rows:
+        row["x bound"] = None if row["peak extra MiB"] is None else row["peak extra MiB"] / bound
+    spread = f" (median of {min(forwards):.1f}-{max(forwards):.1f})" if forwards else ""
     what = "Tiny random Llama" if args.quick else "SmolLM2-135M-Instruct"
     notes = (
         f"{what} cut to its first {blocks} blocks; calibration {len(calib)} x "
         f"{sizes['seq_len']} tokens. Bound, on top of the model: one block's activations "
         f"(the calibration hidden states, {hidden:.1f} MiB, and one forward of the block "
-        f"on one batch, {forward} MiB, measured in each row's process) + one block's "
-        f"Hessians, {hessians:.1f} MiB. One process per row, warmed up by one forward "
-        f"of the model; MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}."
+        f"on one batch, {forward:.1f} MiB{spread}, measured in every row's process) + one "
+        f"block's Hessians, {hessians:.1f} MiB = {bound:.1f} MiB. One process per row, "
+        f"warmed up by one forward of the model; MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}."
     )
     path = write_results("oneshot_memory", rows, notes=notes, quick=args.quick)
     print(path.read_text())

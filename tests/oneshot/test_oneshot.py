@@ -79,16 +79,22 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_the_model_output(llama, batche
     assert errors["admm"] < errors["wanda"], errors
 
 
-def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypatch):
+def statistics_held_at(cls: type, method: str, llama, batches, monkeypatch) -> list[list[str]]:
+    """The statistics a SparseGPT one-shot holds each time ``cls.method`` is called."""
     held = []
-    step = CalibratedSparsifier.step
+    original = getattr(cls, method)
 
     def spy(self, *args, **kwargs):
         held.append(sorted(self._stats))
-        step(self, *args, **kwargs)
+        original(self, *args, **kwargs)
 
-    monkeypatch.setattr(CalibratedSparsifier, "step", spy)
+    monkeypatch.setattr(cls, method, spy)
     prunekit.oneshot(copy.deepcopy(llama), batches, "sparsegpt", progress=False)
+    return held
+
+
+def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypatch):
+    held = statistics_held_at(CalibratedSparsifier, "step", llama, batches, monkeypatch)
     stages = [["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
               ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert held == [[f"model.layers.{i}.{name}.weight" for name in stage]
@@ -97,16 +103,8 @@ def test_one_blocks_statistics_at_a_time_stage_by_stage(llama, batches, monkeypa
 
 def test_a_stage_solves_with_its_raw_hessians_already_freed(llama, batches, monkeypatch):
     """Only the factors reach the solve: the raw Hessians (as large) are gone by then."""
-    held = []
-    update = SparseGPTSparsifier.update_mask
-
-    def spy(self, *args, **kwargs):
-        held.append(dict(self._stats))
-        update(self, *args, **kwargs)
-
-    monkeypatch.setattr(SparseGPTSparsifier, "update_mask", spy)
-    prunekit.oneshot(copy.deepcopy(llama), batches, "sparsegpt", progress=False)
-    assert len(held) == 21 and not any(held)
+    held = statistics_held_at(SparseGPTSparsifier, "update_mask", llama, batches, monkeypatch)
+    assert held == [[]] * 21
 
 
 def test_the_heap_is_trimmed_before_every_block(llama, batches, monkeypatch):

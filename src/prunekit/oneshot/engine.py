@@ -2,7 +2,8 @@
 
 The calibration batches are run through the model once, up to the first block, and
 that block's inputs (hidden states plus the keyword arguments a decoder layer gets:
-masks, positions, rotary embeddings) are kept. Then, for each block, stage by stage
+masks, positions, rotary embeddings) are kept; where later blocks get other masks or
+embeddings (Gemma's sliding and global layers), theirs too. Then, for each block, stage by stage
 (layers reading the same input: q/k/v, o_proj, gate/up, down_proj): run the block on
 the kept inputs up to the stage's last layer, calibrate, prune; then run the pruned
 block to make the inputs of the next one. Only one stage's statistics (Hessians) exist
@@ -20,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -137,7 +137,7 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> 
         if index == stop_after:
             raise _Reached
 
-    handles = [block.register_forward_pre_hook(partial(hook, i), with_kwargs=True)
+    handles = [block.register_forward_pre_hook(functools.partial(hook, i), with_kwargs=True)
                for i, (_, block) in enumerate(blocks)]
     records: list[BlockInput] = []
     per_block = False

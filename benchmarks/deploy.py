@@ -122,11 +122,11 @@ def _disturbance(row: dict[str, Any], dense_limit: float, lower: dict[str, Any] 
     only shrinks as sparsity rises, so its speed-up may not fall by ``STALL`` from the
     cell ``lower`` (same shape, tokens and pattern, the next sparsity down)."""
     worst = row["dense_ms"] / dense_limit
-    for name in SPARSE if lower is not None else ():
-        before, now = lower[f"{name}_x"], row[f"{name}_x"]
-        if before is not None and now is not None:
-            worst = max(worst, before / (STALL * now))
-    return worst
+    if lower is None:
+        return worst
+    pairs = [(lower[f"{name}_x"], row[f"{name}_x"]) for name in SPARSE]
+    return max([worst, *(before / (STALL * now) for before, now in pairs
+                         if before is not None and now is not None)])
 
 
 def remeasure_stalls(

@@ -88,10 +88,10 @@ def _trim() -> None:
 
 
 def block_forward_mib(model: torch.nn.Module, batch: torch.Tensor) -> float | None:
-    """Warm the process up with one forward of ``model``, then return the peak MiB one
-    forward of its first block adds on ``batch`` (None off Linux)."""
+    """Warm the process up with one forward of ``model`` (the capture's, which runs the
+    first batch through the whole model), then return the peak MiB one forward of its
+    first block adds on ``batch`` (None off Linux)."""
     with inference_context(model):
-        model(batch)
         blocks = resolve_blocks(model, "auto")
         (record,) = capture_inputs(model, blocks, [batch])
         _trim()

@@ -355,7 +355,7 @@ def admm_prune(
     if iters < 2:
         raise ConfigError(f"ADMM: iters must be at least 2, got {iters}")
     h = hessian.detach().to(torch.float64, copy=True)
-    if not bool(torch.isfinite(h).all()):
+    if not _all_finite(h):
         raise ConfigError("ADMM: the Hessian holds NaN or inf; the calibration inputs of "
                           "this layer are not finite")
     scale = h.diagonal().clamp_min(0).sqrt()

@@ -8,12 +8,14 @@ in one process on the same input: dense dynamic int8 (torch quantize_dynamic), C
 c inferred from the zeros: 1 for unstructured), sparse dynamic int8 (``sparse_quantize``,
 1x4 blocks, qnnpack), ``to_sparse(layout="auto")`` and an exact copy of the dense model
 (``dense_twin``: the noise between equals). Columns ``*_x`` are speed-ups over dense fp32
-(> 1: faster), each the median ratio of ABBA pairs timed against dense alone
-(``prunekit.deploy.auto.paired_samples``, 2 x repeats pairs): a rotation through every
-library's kernels and thread pools left drift larger than the few percent "auto is never
-slower" is about. Every cell seeds its own weights, so a cell that ran disturbed (the
-host stalled the VM, or another process oversubscribed the cores) is re-measured on the
-same weights (``remeasure_stalls``).
+(> 1: faster), each the median ratio over ``repeats`` ABBA blocks timed against dense
+alone (``prunekit.deploy.auto.paired_samples``): a rotation through every library's
+kernels and thread pools left drift larger than the few percent "auto is never slower"
+is about, and single AB pairs flip by the cost of a switch. Big tensors are mapped on
+their own pages (``map_big_allocations``), so a deep copy of the model reads its weights
+as fast as the original. Every cell seeds its own weights, so a cell that ran disturbed
+(the host stalled the VM, or another process oversubscribed the cores) is re-measured on
+the same weights (``remeasure_stalls``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
-from benchmarks._common import parse_args, write_results
+from benchmarks._common import map_big_allocations, parse_args, write_results
 from prunekit.deploy import sparse_quantize, to_sparse
 from prunekit.deploy.auto import paired_samples
 
@@ -100,7 +102,7 @@ def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsi
     speedups: dict[str, float] = {}
     for name, other in models.items():
         if name != "dense":
-            base_s, other_s = paired_samples(model, other, x, 2 * repeats)
+            base_s, other_s = paired_samples(model, other, x, repeats)
             speedups[name] = statistics.median(map(operator.truediv, base_s, other_s))
             dense_s += base_s
     row: dict[str, Any] = {
@@ -219,6 +221,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
+    map_big_allocations()
     gc.freeze()  # interleaved() collects before every call; skip torch's import-time objects
     config = QUICK if args.quick else FULL
     def measure(row: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,13 @@ from typing import Any
 import torch
 
 import prunekit
-from benchmarks._common import parse_args, read_rows, results_json, write_results
+from benchmarks._common import (
+    MMAP_THRESHOLD,
+    parse_args,
+    read_rows,
+    results_json,
+    write_results,
+)
 from benchmarks.oneshot import FULL, QUICK, MiB, Run, _key, _seed, _selected, _setup, merged
 from benchmarks.oneshot import block_statistics_mib as hessians_mib
 from prunekit.oneshot.blocks import resolve_blocks
@@ -46,14 +52,12 @@ from prunekit.oneshot.engine import (
     release_free_heap,
 )
 
-MMAP_THRESHOLD = str(128 * 1024)  # glibc's own default, fixed so it no longer grows
-
 
 @contextmanager
 def mapped_tensors() -> Iterator[None]:
     """Processes spawned inside map every allocation over 128 KiB on its own."""
     before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     try:
         yield
     finally:

@@ -78,3 +78,22 @@ def test_deploy_re_measures_only_the_cells_that_ran_disturbed():
     assert rows[2]["row_blocks_x"] == 3.0 and rows[3]["dense_ms"] == 1.0
     assert remeasure_stalls([_deploy_row(0.5, x=1.0), _deploy_row(0.9, x=0.9)],
                             lambda row: pytest.fail("a plausible cell was re-measured")) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_big_allocations_are_mapped_on_their_own_pages_after_frees_raised_the_threshold():
+    """Timings compare a deep copy with the original: both must sit at the same page offset."""
+    script = """
+import torch
+from benchmarks._common import map_big_allocations
+junk = [torch.empty(4_000_000) for _ in range(4)]
+del junk  # glibc now serves blocks this size from the heap
+map_big_allocations()
+offsets = {torch.empty(n).data_ptr() % 4096 for n in range(300_000, 1_000_000, 70_001)}
+print(len(offsets))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -72,15 +74,69 @@ def test_auto_keeps_a_pick_only_if_paired_timing_confirms_the_margin(monkeypatch
     torch.testing.assert_close(deployed(X), model(X), atol=1e-5, rtol=1e-5)
 
 
-def test_paired_samples_time_both_in_every_pair():
+def test_paired_samples_time_both_in_every_block():
     from prunekit.deploy.auto import confirmed_speedup, paired_samples
 
     fast, slow = nn.Identity(), nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
     x = torch.randn(64, 256)
-    fast_s, slow_s = paired_samples(fast, slow, x, pairs=4, sample_s=1e-3)
+    fast_s, slow_s = paired_samples(fast, slow, x, blocks=4, sample_s=1e-3)
     assert len(fast_s) == len(slow_s) == 4 and min(fast_s) > 0
     assert max(fast_s) < min(slow_s)
-    assert confirmed_speedup(slow, fast, x, pairs=3) > 1
+    assert confirmed_speedup(slow, fast, x, blocks=2) > 1
+
+
+class _Counting(nn.Module):
+    """Identity that counts its calls and takes at least ``delay_s`` each."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s, self.calls = delay_s, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return x
+
+
+def test_timing_runs_every_model_the_same_number_of_calls_sized_on_the_slowest():
+    """Samples of unequal length would bias the ratio by the first calls' slowdown."""
+    from prunekit.deploy.auto import paired_samples, time_candidates
+
+    x = torch.randn(2, 4)
+    fast, slow = _Counting(0.0), _Counting(2e-3)
+    paired_samples(fast, slow, x, blocks=2, sample_s=10e-3)
+    assert fast.calls == slow.calls
+    assert 2 + 5 * 2 < slow.calls <= 2 + 5 * (1 + 5)  # several calls, no more than 10 ms
+    models = {"dense": _Counting(0.0), "csr": _Counting(2e-3), "bsr": _Counting(0.0)}
+    time_candidates(models, x, budget_s=30e-3, sample_s=10e-3, min_samples=3)
+    assert len({m.calls for m in models.values()}) == 1
+    assert models["csr"].calls <= 2 + 3 * (1 + 5)
+
+
+class _SlowAfterSwitch(nn.Module):
+    """Takes 1 ms a call, 2 ms for the first three calls after another module ran."""
+
+    def __init__(self, last: list[nn.Module]) -> None:
+        super().__init__()
+        self.last, self.since_switch = last, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.last[0] is not self:
+            self.last[0], self.since_switch = self, 0
+        self.since_switch += 1
+        time.sleep(2e-3 if self.since_switch <= 3 else 1e-3)
+        return x
+
+
+def test_paired_blocks_cancel_the_cost_of_a_switch():
+    """Equal models: one AB pair's ratio would be (n) / (n + 2) or its inverse by order."""
+    from prunekit.deploy.auto import paired_samples
+
+    last: list[nn.Module] = [nn.Identity()]
+    a, b = _SlowAfterSwitch(last), _SlowAfterSwitch(last)
+    a_s, b_s = paired_samples(a, b, torch.zeros(1), blocks=3, sample_s=5e-3)
+    assert all(0.9 < s / t < 1.1 for s, t in zip(a_s, b_s, strict=True))
 
 
 def test_auto_reports_layers_the_inputs_never_reach():

@@ -68,9 +68,13 @@ def _timed(fn: Callable[[], Any], calls: int, cuda: bool) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _calls_per_sample(fn: Callable[[], Any], sample_s: float, cuda: bool) -> int:
-    """How many back-to-back calls of ``fn`` last about ``sample_s`` (one timed call)."""
-    return max(1, int(sample_s / max(_timed(fn, 1, cuda), 1e-7)))
+def _calls_per_sample(calls: list[Callable[[], Any]], sample_s: float, cuda: bool) -> int:
+    """One number of back-to-back calls for every function in ``calls``, sized so that the
+    slowest one's sample lasts about ``sample_s`` (from one timed call each). The calls
+    after a switch run slower than the steady state (caches, prefetchers), so samples
+    of unequal length would bias a comparison by that share."""
+    slowest = max(_timed(fn, 1, cuda) for fn in calls)
+    return max(1, int(sample_s / max(slowest, 1e-7)))
 
 
 def time_candidates(
@@ -82,49 +86,57 @@ def time_candidates(
 ) -> dict[str, float]:
     """Median milliseconds per call of each candidate on ``x``.
 
-    Each sample runs the candidate back to back for about ``sample_s`` (as it runs in a
-    model: its weights stay in cache, and a layer taking microseconds is not timed below
-    the clock's noise; dense kernels in particular run measurably faster in long runs of
-    calls than in runs of a few milliseconds); samples are interleaved so load drift hits
-    all candidates alike, and their number is ``budget_s / sample_s`` (at least
-    ``min_samples``).
+    Each sample runs a candidate back to back (as it runs in a model: its weights stay in
+    cache, and a layer taking microseconds is not timed below the clock's noise), every
+    candidate the same number of calls, which the slowest runs in about ``sample_s``;
+    samples are interleaved so load drift hits all candidates alike, and their number is
+    ``budget_s / sample_s`` (at least ``min_samples``).
     """
     cuda = x.is_cuda
     calls = {name: (lambda m=m: m(x)) for name, m in candidates.items()}
     with torch.inference_mode():
-        inner = {name: _calls_per_sample(fn, sample_s, cuda) for name, fn in calls.items()}
+        inner = _calls_per_sample(list(calls.values()), sample_s, cuda)
         samples = max(min_samples, int(budget_s / sample_s))
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(samples):
             for name, fn in calls.items():
-                times[name].append(_timed(fn, inner[name], cuda))
+                times[name].append(_timed(fn, inner, cuda))
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def paired_samples(
-    base: nn.Module, other: nn.Module, x: torch.Tensor, pairs: int, sample_s: float = 0.02
+    base: nn.Module, other: nn.Module, x: torch.Tensor, blocks: int, sample_s: float = 0.02
 ) -> tuple[list[float], list[float]]:
-    """Seconds per call of ``base`` and of ``other`` in each of ``pairs`` pairs, timed
-    back to back in alternating order (ABBA) after one warm-up pair: drift slower than a
-    pair and the order cancel in each pair's ratio. Samples last about ``sample_s``."""
+    """Seconds per call of ``base`` and of ``other`` in each of ``blocks`` ABBA blocks
+    (base, other, other, base), timed back to back after one warm-up sample of each.
+
+    In every block each model runs one sample right after the other model and one right
+    after itself. A switch slows the first calls (caches, prefetchers: about 8 % of a
+    one-token sample here), so the ratio of a single AB pair depends on its order and
+    flips between two modes; a block's mean cancels that, and drift slower than a block.
+    Both run the same number of calls per sample, which the slower runs in about
+    ``sample_s``."""
     cuda = x.is_cuda
     with torch.inference_mode():
-        calls = {model: (lambda m=model: m(x)) for model in (base, other)}
-        inner = {m: _calls_per_sample(fn, sample_s, cuda) for m, fn in calls.items()}
-        times: dict[nn.Module, list[float]] = {base: [], other: []}
-        for i in range(pairs + 1):
-            for model in (base, other) if i % 2 else (other, base):
-                seconds = _timed(calls[model], inner[model], cuda)
-                if i:
-                    times[model].append(seconds)
-    return times[base], times[other]
+        calls = [lambda m=model: m(x) for model in (base, other)]
+        inner = _calls_per_sample(calls, sample_s, cuda)
+        _timed(calls[1], inner, cuda)
+        _timed(calls[0], inner, cuda)  # every block now starts like the next one
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(blocks):
+            block = [0.0, 0.0]
+            for k in (0, 1, 1, 0):
+                block[k] += _timed(calls[k], inner, cuda) / 2
+            times[0].append(block[0])
+            times[1].append(block[1])
+    return times
 
 
-def confirmed_speedup(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, pairs: int = 6
+def confirmed_speedup(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, blocks: int = 3
                       ) -> float:  # fmt: skip
-    """Median over ABBA pairs of ``time(dense) / time(sparse)``: a second, paired look at
+    """Median over ABBA blocks of ``time(dense) / time(sparse)``: a second, paired look at
     a layout the interleaved round picked, which a burst of load may have favoured."""
-    dense_s, sparse_s = paired_samples(dense, sparse, x, pairs)
+    dense_s, sparse_s = paired_samples(dense, sparse, x, blocks)
     return statistics.median(d / s for d, s in zip(dense_s, sparse_s, strict=True))
 
 

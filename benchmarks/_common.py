@@ -46,19 +46,22 @@ def parse_args(
 
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's starting value, which frees of big blocks raise
+HEAP_THRESHOLD = 32 * 1024 * 1024  # the highest glibc raises it to (64-bit)
 
 
-def map_big_allocations() -> bool:
-    """Make glibc map every allocation over ``MMAP_THRESHOLD`` on its own pages for the
-    rest of this process (False where that is not glibc). Left to itself, glibc raises
-    the threshold as big blocks are freed and then carves later tensors out of the heap
-    at arbitrary page offsets: a deep copy of a model reads its weights 5-10 % slower at
-    one token than the original, mapped at allocation, which no timing method cancels."""
+def heap_allocations() -> bool:
+    """Serve every allocation under ``HEAP_THRESHOLD`` from glibc's heap for the rest of
+    this process, as it does once frees of big blocks have raised its threshold (False
+    where that is not glibc). Otherwise a model built early gets its weights mapped on
+    pages of their own and a deep copy built later gets them from the heap, and at one
+    token the original reads its weights 5-10 % faster: a bias against any deployed copy
+    that no timing method cancels. A low threshold instead would map (and fault in)
+    every big temporary on every call, which slows the fast kernels 1.5-2x."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    return bool(mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    return bool(mallopt(-3, HEAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
 
 
 def cpu_model() -> str:

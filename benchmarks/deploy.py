@@ -11,9 +11,9 @@ c inferred from the zeros: 1 for unstructured), sparse dynamic int8 (``sparse_qu
 (> 1: faster), each the median ratio over ``repeats`` ABBA blocks timed against dense
 alone (``prunekit.deploy.auto.paired_samples``): a rotation through every library's
 kernels and thread pools left drift larger than the few percent "auto is never slower"
-is about, and single AB pairs flip by the cost of a switch. Big tensors are mapped on
-their own pages (``map_big_allocations``), so a deep copy of the model reads its weights
-as fast as the original. Every cell seeds its own weights, so a cell that ran disturbed
+is about, and single AB pairs flip by the cost of a switch. All tensors come from the
+heap (``heap_allocations``), so a deep copy of the model reads its weights as fast as
+the original. Every cell seeds its own weights, so a cell that ran disturbed
 (the host stalled the VM, or another process oversubscribed the cores) is re-measured on
 the same weights (``remeasure_stalls``).
 """
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
-from benchmarks._common import map_big_allocations, parse_args, write_results
+from benchmarks._common import heap_allocations, parse_args, write_results
 from prunekit.deploy import sparse_quantize, to_sparse
 from prunekit.deploy.auto import paired_samples
 
@@ -221,7 +221,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
-    map_big_allocations()
+    heap_allocations()
     gc.freeze()  # interleaved() collects before every call; skip torch's import-time objects
     config = QUICK if args.quick else FULL
     def measure(row: dict[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,8 @@ from prunekit.oneshot.engine import (
     release_free_heap,
 )
 
+BLOCKS = 2  # the cut model's default depth
+
 
 @contextmanager
 def mapped_tensors() -> Iterator[None]:
@@ -140,13 +142,15 @@ def measure_all(quick: bool, blocks: int, jobs: int, threads: int, runs: list[Ru
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], extra=[
-        ("--blocks", "decoder blocks to keep (default 2)"),
+        ("--blocks", f"decoder blocks to keep (default {BLOCKS}; another number writes "
+                     "results/oneshot_memory-blocksN)"),
         ("--only", "re-measure only these rows ('method label@sparsity', comma-separated); "
                    "the others are kept from the committed results")])
-    blocks = int(args.blocks or 2)
+    blocks = int(args.blocks or BLOCKS)
+    name = "oneshot_memory" if blocks == BLOCKS else f"oneshot_memory-blocks{blocks}"
     rows = measure_all(args.quick, blocks, args.jobs, args.threads, _selected(args.only))
     if args.only is not None:
-        rows = merged(rows, read_rows(results_json("oneshot_memory", args.quick)))
+        rows = merged(rows, read_rows(results_json(name, args.quick)))
     model, calib, _ = _setup(args.quick)
     sizes = QUICK if args.quick else FULL
     hidden = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
@@ -166,7 +170,7 @@ def main() -> None:
         f"block's Hessians, {hessians:.1f} MiB = {bound:.1f} MiB. One process per row, "
         f"warmed up by one forward of the model; MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}."
     )
-    path = write_results("oneshot_memory", rows, notes=notes, quick=args.quick)
+    path = write_results(name, rows, notes=notes, quick=args.quick)
     print(path.read_text())
 
 

@@ -5,12 +5,13 @@ and Hessians on top of the dense model).
 Every configuration of ``benchmarks.oneshot`` runs in a fresh process of its own, on
 SmolLM2-135M cut to its first ``--blocks`` decoder blocks (default 2): the engine holds
 the same things at every block (the hidden states, one block's masks and one stage's
-statistics), so the peak of block 2 is the peak of block 30, and the cut model measures
-it in a minute instead of half an hour. ``MALLOC_MMAP_THRESHOLD_`` is fixed in the
-workers so that glibc maps every tensor over 128 KiB on its own and unmaps it when
-freed: the resident peak (``VmHWM`` after a reset) is then what was alive at once, not
-what the allocator happened to keep cached. ``--quick`` runs the tiny random Llama;
-``--only`` re-measures some rows as in ``benchmarks.oneshot``.
+statistics), so the peak of block 2 is the peak of block 30 (``--blocks 30`` measured
+it: within 4 MiB), and the cut model measures it in a minute instead of half an hour.
+``MALLOC_MMAP_THRESHOLD_`` is fixed in the workers so that glibc maps every tensor over
+128 KiB on its own and unmaps it when freed: the resident peak (``VmHWM`` after a reset)
+is then what was alive at once, not what the allocator happened to keep cached.
+``--quick`` runs the tiny random Llama; ``--only`` re-measures some rows as in
+``benchmarks.oneshot``.
 
 Before the baseline is read, each worker runs the dense model once on a calibration
 batch: libraries load their code pages and oneDNN its JIT kernels on first use (about

@@ -6,6 +6,7 @@ with the masks and embeddings the model itself gives that block."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -89,6 +90,49 @@ def test_later_blocks_inputs_are_kept_only_when_they_differ_and_then_once(arch, 
     assert all(later.args[:1] in ((), (None,)) for r in records for later in r.later)
     if own_inputs:  # per batch at most a sliding and a global mask, the unpadded shared
         assert 2 <= len(masks) <= 4 and len(tensors) <= 8
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * scale
+
+
+class _TypedStack(nn.Module):
+    """Four blocks of types a, b, a, b; each gets a ``scale`` of its own type, or, with
+    ``by_index``, of its own index (what ``layer_types`` does not announce)."""
+
+    def __init__(self, by_index: bool) -> None:
+        super().__init__()
+        self.config = types.SimpleNamespace(layer_types=["a", "b", "a", "b"])
+        self.layers = nn.ModuleList(_Scaled() for _ in range(4))
+        self.by_index, self.calls = by_index, [0] * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            self.calls[i] += 1
+            x = layer(x, scale=torch.tensor(float(i if self.by_index else i % 2 + 1)))
+        return x
+
+
+@pytest.mark.parametrize(("by_index", "calls"), [(False, [3, 3, 1, 1]), (True, [3, 3, 3, 3])])
+def test_later_batches_stop_at_the_first_block_of_each_type_when_types_decide(by_index, calls):
+    """Blocks of one type got the same inputs on the first batch: the other batches run
+    only up to block 1 and blocks 2, 3 get the inputs of blocks 0, 1; otherwise they run
+    through, and every block keeps its own."""
+    model = _TypedStack(by_index)
+    with torch.no_grad():
+        records = capture_inputs(model, list(model.layers.named_children()),
+                                 [torch.randn(2, 4) for _ in range(3)])
+    assert model.calls == calls
+    want = [1.0, 2.0, 3.0] if by_index else [2.0, 1.0, 2.0]
+    for record in records:
+        assert record.kwargs["scale"].item() == (0.0 if by_index else 1.0)
+        assert [later.kwargs["scale"].item() for later in record.later] == want
+        assert all(later.args[:1] == (None,) for later in record.later)
 
 
 def test_a_copied_record_advances_through_the_same_later_inputs_on_its_own():

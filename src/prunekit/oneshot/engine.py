@@ -121,10 +121,12 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> 
     whole model (then every batch runs once here, for the same reason).
 
     If the blocks get different inputs besides the hidden states (seen on the first
-    batch, or announced by a config's ``layer_types``), the others run up to the last
-    block instead, and each record keeps the later blocks' inputs too (``later``).
-    Equal tensors (masks, rotary embeddings, positions) are kept once across batches
-    and blocks; hidden states are kept for the first block only."""
+    batch, or announced by a config's ``layer_types``), each record keeps the later
+    blocks' inputs too (``later``), and the others run up to the last block instead, or
+    only up to the first block of the last type to appear where the first batch showed
+    that blocks of one type get the same inputs (``_sources_by_type``). Equal tensors
+    (masks, rotary embeddings, positions) are kept once across batches and blocks;
+    hidden states are kept for the first block only."""
     kept = _Kept()
     seen: list[BlockInput] = []  # the batch in flight: one record per block reached
     stop_after: int | None = None  # the block whose input ends a forward early
@@ -140,7 +142,7 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> 
     handles = [block.register_forward_pre_hook(functools.partial(hook, i), with_kwargs=True)
                for i, (_, block) in enumerate(blocks)]
     records: list[BlockInput] = []
-    per_block = False
+    sources: list[int] = [0]  # per block: the block whose inputs it gets (a record kept)
     try:
         for i, batch in enumerate(batches):
             seen.clear()
@@ -154,21 +156,54 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> 
                     f"calibration batch {i}: the model's forward failed: "
                     f"{type(err).__name__}: {err}"
                 ) from err
-            if i == 0 and seen:
-                per_block = _inputs_differ(model, seen)
-            needed = len(blocks) if per_block else 1
+            if i == 0 and seen and _inputs_differ(model, seen):
+                sources = list(range(len(blocks)))
+            needed = max(sources) + 1
             if len(seen) < needed:
                 raise ConfigError(f"calibration batch {i}: the forward never reached block "
                                   f"{blocks[len(seen)][0]!r}")
-            first, *later = seen[:needed]
-            first.later = later
-            records.append(first)
+            records.append(_with_later(seen, sources))
+            if i == 0 and len(sources) > 1:
+                sources = _sources_by_type(model, seen) or sources
             if blocks[0][1] is not model:
-                stop_after = needed - 1
+                stop_after = max(sources)
     finally:
         for handle in handles:
             handle.remove()
     return records
+
+
+def _with_later(seen: list[BlockInput], sources: list[int]) -> BlockInput:
+    """The first block's record, its ``later`` the inputs of blocks 1.. taken from their
+    source blocks' records (read only, so blocks of one type share one)."""
+    first = seen[0]
+    if len(sources) > 1:
+        rest = first.copy()
+        rest.replace_hidden(None)
+        first.later = [seen[s] if s else rest for s in sources[1:]]
+    return first
+
+
+def _layer_types(model: nn.Module) -> list[Any] | None:
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    return list(layer_types) if isinstance(layer_types, (list, tuple)) else None
+
+
+def _sources_by_type(model: nn.Module, seen: list[BlockInput]) -> list[int] | None:
+    """Per block, the first block of its ``config.layer_types`` type, if every block got
+    exactly that block's inputs on this batch (None otherwise): then a batch need only
+    run up to the first block of each type. Gemma 3 (five sliding layers to a global
+    one) reaches block 5 instead of its last."""
+    types = _layer_types(model)
+    if types is None or len(types) != len(seen):
+        return None
+    sources = [types.index(t) for t in types]
+    rest = seen[0].copy()
+    rest.replace_hidden(None)
+    records = [rest, *seen[1:]]
+    same = all(_same_objects((r.args, r.kwargs), (records[s].args, records[s].kwargs))
+               for r, s in zip(records, sources, strict=True))
+    return sources if same else None
 
 
 def _inputs_differ(model: nn.Module, records: list[BlockInput]) -> bool:
@@ -181,8 +216,8 @@ def _inputs_differ(model: nn.Module, records: list[BlockInput]) -> bool:
     if any(not _same_objects((r.args, r.kwargs), (first.args, first.kwargs))
            for r in records[1:]):
         return True
-    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
-    return isinstance(layer_types, (list, tuple)) and len(set(layer_types)) > 1
+    layer_types = _layer_types(model)
+    return layer_types is not None and len(set(layer_types)) > 1
 
 
 def _same_objects(value: Any, other: Any) -> bool:

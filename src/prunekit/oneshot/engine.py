@@ -85,6 +85,12 @@ class BlockInput:
         """An independent record holding the same tensors."""
         return BlockInput(self.args, dict(self.kwargs), list(self.later))
 
+    def without_hidden(self) -> BlockInput:
+        """A copy whose hidden states are None: what any block of its kind gets besides."""
+        other = self.copy()
+        other.replace_hidden(None)
+        return other
+
 
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Run one batch: a dict as keyword arguments, a tuple/list as positional ones."""
@@ -178,8 +184,7 @@ def _with_later(seen: list[BlockInput], sources: list[int]) -> BlockInput:
     source blocks' records (read only, so blocks of one type share one)."""
     first = seen[0]
     if len(sources) > 1:
-        rest = first.copy()
-        rest.replace_hidden(None)
+        rest = first.without_hidden()
         first.later = [seen[s] if s else rest for s in sources[1:]]
     return first
 
@@ -198,9 +203,7 @@ def _sources_by_type(model: nn.Module, seen: list[BlockInput]) -> list[int] | No
     if types is None or len(types) != len(seen):
         return None
     sources = [types.index(t) for t in types]
-    rest = seen[0].copy()
-    rest.replace_hidden(None)
-    records = [rest, *seen[1:]]
+    records = [seen[0].without_hidden(), *seen[1:]]
     same = all(_same_objects((r.args, r.kwargs), (records[s].args, records[s].kwargs))
                for r, s in zip(records, sources, strict=True))
     return sources if same else None
@@ -211,8 +214,7 @@ def _inputs_differ(model: nn.Module, records: list[BlockInput]) -> bool:
     on this batch (after ``_Kept``, equal tensors are the same object), or attention
     types that differ per layer (their masks differ only once a sequence is longer than
     the sliding window)."""
-    first = records[0].copy()
-    first.replace_hidden(None)
+    first = records[0].without_hidden()
     if any(not _same_objects((r.args, r.kwargs), (first.args, first.kwargs))
            for r in records[1:]):
         return True

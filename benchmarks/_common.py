@@ -7,7 +7,6 @@ interleaved, and reports medians and ratios ``peer / prunekit`` (> 1: prunekit w
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import platform
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from prunekit._glibc import glibc_function
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,11 +58,8 @@ def heap_allocations() -> bool:
     token the original reads its weights 5-10 % faster: a bias against any deployed copy
     that no timing method cancels. A low threshold instead would map (and fault in)
     every big temporary on every call, which slows the fast kernels 1.5-2x."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(-3, HEAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    mallopt = glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(-3, HEAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
 
 
 def cpu_model() -> str:

@@ -14,11 +14,10 @@ width`` floats.
 from __future__ import annotations
 
 import copy
-import ctypes
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit._glibc import glibc_function
 from prunekit.errors import ConfigError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
@@ -203,23 +203,25 @@ def _sources_by_type(model: nn.Module, seen: list[BlockInput]) -> list[int] | No
     if types is None or len(types) != len(seen):
         return None
     sources = [types.index(t) for t in types]
-    records = [seen[0].without_hidden(), *seen[1:]]
-    same = all(_same_objects((r.args, r.kwargs), (records[s].args, records[s].kwargs))
-               for r, s in zip(records, sources, strict=True))
-    return sources if same else None
+    return sources if _inputs_follow(seen, sources) else None
 
 
 def _inputs_differ(model: nn.Module, records: list[BlockInput]) -> bool:
     """Whether blocks get inputs of their own besides the hidden states: different ones
-    on this batch (after ``_Kept``, equal tensors are the same object), or attention
-    types that differ per layer (their masks differ only once a sequence is longer than
-    the sliding window)."""
-    first = records[0].without_hidden()
-    if any(not _same_objects((r.args, r.kwargs), (first.args, first.kwargs))
-           for r in records[1:]):
+    on this batch, or attention types that differ per layer (their masks differ only
+    once a sequence is longer than the sliding window)."""
+    if not _inputs_follow(records, [0] * len(records)):
         return True
     layer_types = _layer_types(model)
     return layer_types is not None and len(set(layer_types)) > 1
+
+
+def _inputs_follow(records: list[BlockInput], sources: list[int]) -> bool:
+    """Whether block ``j`` got exactly block ``sources[j]``'s inputs besides the hidden
+    states (after ``_Kept``, equal tensors are the same object)."""
+    others = [records[0].without_hidden(), *records[1:]]
+    return all(_same_objects((r.args, r.kwargs), (others[s].args, others[s].kwargs))
+               for r, s in zip(others, sources, strict=True))
 
 
 def _same_objects(value: Any, other: Any) -> bool:
@@ -381,21 +383,13 @@ def _stop(module: nn.Module, args: tuple[Any, ...]) -> None:
     raise _Reached
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
 def release_free_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc only; a no-op elsewhere).
 
     A block's forwards free their small allocations in an order glibc cannot trim, and
     the pages stay resident: about 20 MiB per block on SmolLM2 (4 MiB after the
     capture), under the peak of every later block."""
-    trim = _malloc_trim()
+    trim = glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
 

@@ -132,10 +132,10 @@ def test_non_finite_hessians_are_refused(where, value):
         damped_inverse_cholesky(h, 0.01)
 
 
-_FACTOR_MEMORY = """
+_PEAK_MEMORY = """
 import sys, torch
 from pathlib import Path
-from prunekit.sparsifier.oneshot_math import damped_cholesky, damped_inverse_cholesky
+from prunekit.sparsifier import oneshot_math as m
 torch.set_num_threads(1)
 def kib(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines()
@@ -143,27 +143,64 @@ def kib(key):
     return int(line.split()[1])
 n = 1536
 x = torch.randn(2 * n, n)
-h = (x.T @ x).double() if sys.argv[1] == "direct" else x.T @ x
-factor = damped_cholesky if sys.argv[1] == "direct" else damped_inverse_cholesky
-factor(h, 0.01)  # first use loads LAPACK's code pages
+h = x.T @ x
+h64 = h.double()
+w = torch.randn(576, n)
+keep = w.abs() > 0.7
+damped = h + torch.eye(n) * float(h.diagonal().mean())
+run = lambda: {call}
+run()  # first use loads LAPACK's code pages
 Path("/proc/self/clear_refs").write_text("5")
 before = kib("VmRSS")
-factor(h, 0.01)
-print((kib("VmHWM") - before) * 1024 / h.numel() / h.element_size())
+run()
+print((kib("VmHWM") - before) * 1024)
 """
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("factor", ["inverse", "direct"])
-def test_the_factor_is_computed_in_one_matrix(factor):
-    """Peak resident memory of factoring a 1536² Hessian, in units of the Hessian: one
-    working matrix. LAPACK writing into row-major memory, or a whole-matrix isfinite,
-    would each add one or two more. A fresh process with glibc mapping every tensor on
-    its own, so freed memory is not reused unseen."""
+def peak_bytes(call: str) -> float:
+    """Peak resident memory of ``call`` beyond its inputs: a 1536² float32 Hessian
+    ``h`` (``h64`` in float64, ``damped`` with damping), a (576, 1536) weight ``w`` and
+    its mask ``keep``. A fresh
+    process with glibc mapping every tensor on its own, so freed memory is not reused
+    unseen."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    run = subprocess.run([sys.executable, "-c", _FACTOR_MEMORY, factor], env=env,
-                         capture_output=True, text=True, check=True)
-    assert float(run.stdout) < 1.3
+    run = subprocess.run([sys.executable, "-c", _PEAK_MEMORY.replace("{call}", call)],
+                         env=env, capture_output=True, text=True, check=True)
+    return float(run.stdout)
+
+
+HESSIAN, WEIGHT = 1536 * 1536 * 4, 576 * 1536 * 4  # bytes of h and w in peak_bytes
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                                reason="needs Linux /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("call, matrix", [("m.damped_inverse_cholesky(h, 0.01)", HESSIAN),
+                                          ("m.damped_cholesky(h64, 0.01)", 2 * HESSIAN)],
+                         ids=["inverse", "direct"])
+def test_the_factor_is_computed_in_one_matrix(call, matrix):
+    """Factoring a 1536² Hessian takes one working matrix of its dtype. LAPACK writing
+    into row-major memory, or a whole-matrix isfinite, would each add one or two more."""
+    assert peak_bytes(call) < 1.3 * matrix
+
+
+@needs_proc
+@pytest.mark.parametrize("nm", [None, (2, 4)], ids=["50%", "2:4"])
+def test_admm_holds_one_working_matrix_and_a_few_weights(nm):
+    """ADMM on a 1536² Hessian: one float32 working matrix for its ridge inverses and
+    six or seven weight-sized buffers (3.4 Hessians here). Its float64 eigendecomposition
+    needed 9.7 (matrix, eigenvectors, LAPACK's workspace)."""
+    assert peak_bytes(f"m.admm_prune(w, h, 0.5, {nm}, iters=6)") < HESSIAN + 7 * WEIGHT
+
+
+@needs_proc
+def test_the_exact_update_holds_four_weights():
+    """Conjugate gradients keep four weight-sized buffers and a fifth for a moment (the
+    returned weight is one): 5.2 here. A float mask, a weight-sized preconditioner and
+    separate buffers for the product and the preconditioned residual needed 10."""
+    assert peak_bytes("m.masked_least_squares(w, w, damped, keep)") < 5.5 * WEIGHT
 
 
 def naive_obs(w: torch.Tensor, h: torch.Tensor, nm: tuple[int, int]) -> torch.Tensor:
@@ -281,6 +318,9 @@ def test_masked_least_squares_leaves_an_optimum_and_empty_rows_alone():
     keep[2] = False  # a row with nothing kept stays zero, no NaN
     once = masked_least_squares(w * keep, w, h, keep, tol=1e-7)
     again = masked_least_squares(once, w, h, keep, tol=1e-7)
+    start = w * keep
+    assert masked_least_squares(start, w, h, keep, tol=1e-7, in_place=True) is start
+    assert torch.equal(start, once)
     assert bool(torch.isfinite(again).all()) and not bool(again[2].any())
     torch.testing.assert_close(again, once, rtol=1e-4, atol=1e-5)
 

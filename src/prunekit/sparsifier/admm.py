@@ -26,8 +26,9 @@ class AdmmSparsifier(HessianSparsifier):
     below SparseGPT's, exact update included (tested).
 
     ``percdamp`` damps each input by that fraction of its own Hessian diagonal;
-    ``iters`` ADMM iterations (the mask settles in the first half), each two matrix
-    products of the layer's size.
+    ``iters`` ADMM iterations (the mask settles in the first half), each a Cholesky
+    inverse of the ``in x in`` Hessian and one matrix product of the layer's size, in
+    one working matrix besides the Hessian.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 4))

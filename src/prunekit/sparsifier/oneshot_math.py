@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from prunekit.errors import ConfigError
-from prunekit.masks import nm_mask
+from prunekit.masks import lowest_k, nm_mask
 
 __all__ = [
     "admm_prune",
@@ -34,10 +34,6 @@ _DAMP_RETRIES = (1e-2, 1e-1, 1.0, 10.0)
 
 # ADMM's penalty: its start (unit-diagonal Hessian) and growth per iteration.
 _ADMM_RHO, _ADMM_GROWTH = 0.3, 1.05
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def prune_count(numel: int, sparsity: float) -> int:
@@ -80,8 +76,8 @@ def wanda_keep_mask(
 ) -> torch.Tensor:
     """Keep-mask of Wanda: per output row (unstructured) or per group of M inputs (N:M)."""
     scores = wanda_scores(weight, input_sq_norms)
-    if nm is not None:
-        return nm_mask(scores, nm[0], nm[1], _identity)
+    if nm is not None:  # |scores| is scores: torch.abs takes nm_mask's NumPy path
+        return nm_mask(scores, nm[0], nm[1], torch.abs)
     return row_keep_mask(scores, sparsity)
 
 
@@ -284,6 +280,7 @@ def masked_least_squares(
     keep: torch.Tensor,
     max_iters: int = 100,
     tol: float = 1e-4,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """The kept weights that minimise ``tr((Ŵ - T) H (Ŵ - T)ᵀ)`` exactly, with ``Ŵ`` zero
     where ``keep`` is False: what SparseGPT's OBS pass only approximates (it moves the
@@ -294,40 +291,43 @@ def masked_least_squares(
     OBS solution), in float32, until every row's residual is below ``tol`` times its
     right-hand side or ``max_iters``. ``hessian`` must be positive definite (damped).
     The objective never rises: each CG step lowers it for every row.
+
+    Four weight-sized float32 buffers (the matrix product and the preconditioned
+    residual share one), updated in place, and a fifth for a moment at each dot
+    product: they are the peak of an exact update. With ``in_place`` the iterate is
+    ``weight`` itself (float32, the caller's to overwrite).
     """
     h = hessian.to(torch.float32)
-    mask = keep.to(torch.float32)
-    w = weight.to(torch.float32) * mask
-    rhs = (target.to(torch.float32) @ h) * mask
-    residual = rhs - (w @ h) * mask
-    inverse_diag = mask / h.diagonal().clamp_min(torch.finfo(torch.float32).tiny)
-    z = residual * inverse_diag
-    direction = z.clone()
-    rz = (residual * z).sum(1, keepdim=True)
-    limit = tol * rhs.norm(dim=1, keepdim=True)
+    drop = ~keep
+    w = weight if in_place else weight.to(torch.float32, copy=True)
+    w.masked_fill_(drop, 0.0)
+    residual = (target.to(torch.float32) @ h).masked_fill_(drop, 0.0)  # the right-hand side
+    limit = tol * residual.norm(dim=1, keepdim=True)
+    scratch = torch.mm(w, h).masked_fill_(drop, 0.0)
+    residual.sub_(scratch)  # zero off the mask, and so is every update below
+    inverse_diag = h.diagonal().clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
+    direction = torch.mul(residual, inverse_diag, out=scratch).clone()
+    rz = _row_dot(residual, direction)
     for _ in range(max_iters):
         if bool((residual.norm(dim=1, keepdim=True) <= limit).all()):
             break
-        product = (direction @ h) * mask
-        curvature = (direction * product).sum(1, keepdim=True)
+        product = torch.mm(direction, h, out=scratch).masked_fill_(drop, 0.0)
+        curvature = _row_dot(direction, product)
         alpha = torch.where(curvature > 0, rz / curvature.clamp_min(1e-30), 0.0)
         w.addcmul_(alpha, direction)
         residual.addcmul_(alpha, product, value=-1.0)
-        z = residual * inverse_diag
-        rz_next = (residual * z).sum(1, keepdim=True)
+        z = torch.mul(residual, inverse_diag, out=scratch)  # the product is spent
+        rz_next = _row_dot(residual, z)
         beta = torch.where(rz > 0, rz_next / rz.clamp_min(1e-30), 0.0)
-        direction = z + beta * direction
+        direction.mul_(beta).add_(z)
         rz = rz_next
     return w
 
 
-def _layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Drop the ``prune_count(numel, sparsity)`` lowest scores of the whole layer."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    count = prune_count(scores.numel(), sparsity)
-    if count:
-        keep.view(-1)[scores.flatten().topk(count, largest=False, sorted=False).indices] = False
-    return keep
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Each row's dot product, summed as ``(a * b).sum`` sums: a batched ``bmm`` needs no
+    temporary but sums in another order, and SparseGPT's exact update then moves."""
+    return (a * b).sum(1, keepdim=True)
 
 
 def admm_prune(
@@ -342,43 +342,92 @@ def admm_prune(
     (after Boža 2024, "Fast and Effective Weight Update for Pruned Large Language Models").
 
     Minimises ``tr((Ŵ - W) H (Ŵ - W)ᵀ)`` over weights that are zero off the mask by
-    alternating a ridge solve towards a masked copy (``(H + rho I)⁻¹`` from one
-    eigendecomposition, ``rho`` growing 5% per iteration from 0.3) with the projection
-    onto the mask. Inputs are scaled to unit ``diag H`` first, so weight magnitudes are
-    Wanda scores and ``percdamp`` damps every input alike. In the first half of the
-    ``iters`` iterations the mask is re-chosen every third one from the ADMM iterate,
-    its sparsity rising on a cubic schedule to ``sparsity`` (unstructured: the lowest of
-    the whole layer, exactly ``prune_count``; N:M: the M-N lowest of every group).
-    Unlike SparseGPT's single left-to-right pass, a weight dropped early can come back.
+    alternating a ridge solve towards a masked copy (with ``rho`` growing 5% per
+    iteration from 0.3) with the projection onto the mask. Inputs are scaled to unit
+    ``diag H`` first, so weight magnitudes are Wanda scores and ``percdamp`` damps every
+    input alike. In the first half of the ``iters`` iterations the mask is re-chosen
+    every third one from the ADMM iterate, its sparsity rising on a cubic schedule to
+    ``sparsity`` (unstructured: the lowest of the whole layer, exactly ``prune_count``;
+    N:M: the M-N lowest of every group). Unlike SparseGPT's single left-to-right pass,
+    a weight dropped early can come back.
     Returns ``(weight, keep)``, ``weight`` float32 and zero where ``keep`` is False.
     """
     if iters < 2:
         raise ConfigError(f"ADMM: iters must be at least 2, got {iters}")
-    h = hessian.detach().to(torch.float64, copy=True)
-    if not _all_finite(h):
+    hessian = hessian.detach()
+    if not _all_finite(hessian):
         raise ConfigError("ADMM: the Hessian holds NaN or inf; the calibration inputs of "
                           "this layer are not finite")
-    scale = h.diagonal().clamp_min(0).sqrt()
+    scale = hessian.diagonal().to(torch.float32).clamp_min(0).sqrt()
     scale[scale == 0] = 1.0  # dead inputs: only the damping holds their weights
-    hn = h.div_(scale[:, None]).div_(scale[None, :])  # in the float64 copy: one n x n less
-    hn.diagonal().add_(percdamp)
-    eigenvalues, basis = torch.linalg.eigh(hn)
-    eigenvalues, basis, hn, scale = eigenvalues.float(), basis.float(), hn.float(), scale.float()
     original = weight.detach().to(torch.float32) * scale
-    target = original @ hn
+    unit = _UnitHessian(hessian, scale, percdamp)
+    z, drop = _admm_iterations(original, unit, sparsity, nm, iters)
+    keep = drop.logical_not_()
+    new = masked_least_squares(z, original, unit.ridge(0.0), keep, in_place=True)
+    return new.div_(scale), keep
+
+
+class _UnitHessian:
+    """``Hₙ = D⁻¹ H D⁻¹ + percdamp I`` (``D`` the input scales) and its ridge inverses,
+    all made in one float32 working matrix from the caller's ``H``: ADMM holds no other
+    matrix of the layer's width. ``rho`` changes every iteration, so each inverse is a
+    fresh Cholesky factorisation, inverted in place (about the cost of the iteration's
+    matrix product); one float64 eigendecomposition, reused, takes about ten float32
+    matrices' memory (the copy, the eigenvectors, LAPACK's workspace)."""
+
+    def __init__(self, hessian: torch.Tensor, scale: torch.Tensor, percdamp: float) -> None:
+        self.hessian, self.scale, self.percdamp = hessian, scale, percdamp
+        self.work = torch.empty(hessian.shape, dtype=torch.float32, device=hessian.device)
+
+    def ridge(self, rho: float) -> torch.Tensor:
+        """``Hₙ + rho I`` in the working matrix."""
+        torch.div(self.hessian, self.scale[:, None], out=self.work)
+        self.work.div_(self.scale[None, :]).diagonal().add_(self.percdamp + rho)
+        return self.work
+
+    def ridge_inverse(self, rho: float) -> torch.Tensor:
+        """``(Hₙ + rho I)⁻¹`` in the working matrix, for ``rho > 0``."""
+        h = self.ridge(rho)
+        if not _upper_cholesky_in_place(h):  # Hₙ is positive semi-definite and rho > 0
+            raise ConfigError(f"ADMM: the Hessian plus {rho:.3g} I is not positive "
+                              f"definite ({h.shape[0]} inputs); check the calibration data")
+        torch.cholesky_inverse(h.mT, out=h.mT)  # h.mT holds the lower factor Uᵀ
+        return h
+
+
+def _admm_iterations(
+    original: torch.Tensor,
+    unit: _UnitHessian,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    iters: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final masked iterate of ADMM on ``‖(Ŵ - W) Hₙ^½‖²`` and the weights it drops.
+    Three weight-sized buffers besides ``original`` (the iterate, the dual and the
+    masked copy), updated in place: the ridge step ``w = (W Hₙ + rho (z - u)) (Hₙ + rho
+    I)⁻¹`` is computed as ``W + rho (z - u - W) (Hₙ + rho I)⁻¹``, which needs no
+    ``W Hₙ``."""
     updates = -(-(iters // 2) // 3)  # mask choices, every third of the first half
 
-    def select(score: torch.Tensor, update: int) -> torch.Tensor:
-        if nm is not None:
-            return nm_mask(score, nm[0], nm[1], _identity)
-        return _layer_keep_mask(score, sparsity * (1.0 - (1.0 - update / updates) ** 3))
+    def select(iterate: torch.Tensor, update: int) -> torch.Tensor:
+        """The weights to drop, by ``|iterate|``, which it may overwrite."""
+        if nm is not None:  # NumPy's |x| per group, no |x| copy
+            return nm_mask(iterate, nm[0], nm[1], torch.abs).logical_not_()
+        ramp = sparsity * (1.0 - (1.0 - update / updates) ** 3)
+        return lowest_k(iterate.abs_(), prune_count(iterate.numel(), ramp))
 
-    w, dual, rho = original.clone(), torch.zeros_like(original), _ADMM_RHO
+    w, dual, z = original.clone(), torch.zeros_like(original), torch.empty_like(original)
+    rho = _ADMM_RHO
     for it in range(iters):
         if it % 3 == 0 and it // 3 < updates:
-            keep = select((w + dual).abs(), it // 3 + 1)
-        z = (w + dual) * keep
-        dual += w - z
-        w = ((target + rho * (z - dual)) @ basis / (eigenvalues + rho)) @ basis.T
+            drop = select(torch.add(w, dual, out=z), it // 3 + 1)
+        torch.add(w, dual, out=z).masked_fill_(drop, 0.0)
+        dual.add_(w).sub_(z)
+        if it == iters - 1:
+            break
+        torch.sub(z, dual, out=w).sub_(original)
+        torch.addmm(original, w, unit.ridge_inverse(rho), alpha=rho, out=z)
+        w, z = z, w  # z is spent until the next iteration refills it
         rho *= _ADMM_GROWTH
-    return masked_least_squares(z, original, hn, keep) / scale, keep
+    return z, drop

@@ -145,15 +145,22 @@ def _upper_cholesky_in_place(h: torch.Tensor) -> bool:
     return int(info) == 0
 
 
-def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
-    """Upper ``U`` with ``UᵀU = H⁻¹``, computed in ``h`` itself (Cholesky of ``H``, the
-    inverse from it, the upper Cholesky of that), without a copy: the layer's Hessians
-    are the peak of SparseGPT's memory. None if ``H`` is not positive definite."""
+def _inverse_in_place(h: torch.Tensor) -> bool:
+    """Overwrite the symmetric, row-major ``h`` by ``H⁻¹`` (its Cholesky factor, then the
+    inverse from that, both in ``h``'s own memory); False if ``h`` is not positive
+    definite."""
     if not _upper_cholesky_in_place(h):
-        return None
+        return False
     column_major = h.mT  # holds L = Uᵀ, lower; its inverse product is H⁻¹, symmetric
     torch.cholesky_inverse(column_major, out=column_major)
-    if not _upper_cholesky_in_place(h):
+    return True
+
+
+def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper ``U`` with ``UᵀU = H⁻¹``, computed in ``h`` itself (the inverse in place, then
+    its upper Cholesky factor), without a copy: the layer's Hessians are the peak of
+    SparseGPT's memory. None if ``H`` is not positive definite."""
+    if not (_inverse_in_place(h) and _upper_cholesky_in_place(h)):
         return None
     return h if _all_finite(h) else None
 
@@ -389,10 +396,9 @@ class _UnitHessian:
     def ridge_inverse(self, rho: float) -> torch.Tensor:
         """``(Hₙ + rho I)⁻¹`` in the working matrix, for ``rho > 0``."""
         h = self.ridge(rho)
-        if not _upper_cholesky_in_place(h):  # Hₙ is positive semi-definite and rho > 0
+        if not _inverse_in_place(h):  # Hₙ is positive semi-definite and rho > 0
             raise ConfigError(f"ADMM: the Hessian plus {rho:.3g} I is not positive "
                               f"definite ({h.shape[0]} inputs); check the calibration data")
-        torch.cholesky_inverse(h.mT, out=h.mT)  # h.mT holds the lower factor Uᵀ
         return h
 
 

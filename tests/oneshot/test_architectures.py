@@ -160,16 +160,3 @@ def test_dense_targets_follow_the_blocks_own_inputs_too(arch):
     with torch.no_grad():
         assert torch.isfinite(model(**batches()[1]).logits).all()
 
-
-def test_gpt2_conv1d_layers_are_refused_with_the_reason_and_the_model_unchanged():
-    from prunekit.errors import ConfigError
-    from tests.helpers import assert_unchanged, snapshot
-
-    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
-                                     n_positions=64)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    before = snapshot(model)
-    with pytest.raises(ConfigError, match=r"'transformer.h' holds no nn.Linear \(transformers' "
-                                          "Conv1D, as in GPT-2, is not supported\\)"):
-        prunekit.oneshot(model, [torch.randint(0, 96, (2, 16))], "wanda", progress=False)
-    assert_unchanged(before, model)

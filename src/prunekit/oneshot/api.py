@@ -17,6 +17,7 @@ from prunekit.oneshot.engine import capture_inputs, inference_context, run_seque
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.admm import AdmmSparsifier
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
+from prunekit.sparsifier.linear_like import in_features, is_conv1d
 from prunekit.sparsifier.sparsegpt import SparseGPTSparsifier
 from prunekit.sparsifier.wanda import WandaSparsifier
 from prunekit.sparsifier.weight_norm import WeightNormSparsifier
@@ -63,7 +64,7 @@ def _entries(
             entries[layer] = _target(where, value, None)
         else:
             entries[layer] = _target(where, None, value)
-        nm, width = entries[layer][1], fqn_to_module(model, layer).in_features
+        nm, width = entries[layer][1], in_features(fqn_to_module(model, layer))
         if nm is not None and width % nm[1]:
             raise ConfigError(f"layer {layer!r}: pattern {nm[0]}:{nm[1]} needs in_features to be "
                               f"a multiple of {nm[1]}, got {width}")
@@ -107,12 +108,14 @@ def _check_batches(model: nn.Module, batches: Any, method: str) -> list[Any]:
 
 def _magnitude(model: nn.Module, entries: dict[str, Target]) -> None:
     """Per-layer magnitude pruning (|w|), unstructured or N:M, with WeightNormSparsifier:
-    the whole config checked first, then one layer at a time (one mask at a time)."""
+    the whole config checked first, then one layer at a time (one mask at a time). N:M
+    groups run along the inputs: a Conv1D weight (``in x out``) has them down its columns."""
     config = []
     for layer, (level, nm) in entries.items():
         shape = {"sparsity_level": level, "sparse_block_shape": (1, 1), "zeros_per_block": 1}
         if nm is not None:
-            shape = {"sparsity_level": 1.0, "sparse_block_shape": (1, nm[1]),
+            block = (nm[1], 1) if is_conv1d(fqn_to_module(model, layer)) else (1, nm[1])
+            shape = {"sparsity_level": 1.0, "sparse_block_shape": block,
                      "zeros_per_block": nm[1] - nm[0]}
         config.append({"tensor_fqn": f"{layer}.weight", **shape})
     WeightNormSparsifier(norm=1).check_config(model, config)
@@ -164,9 +167,10 @@ def oneshot(
     ``sparsity`` defaults to 0.5, or to ``1 - N/M`` with ``pattern="N:M"``. ``blocks``:
     ``"auto"`` finds a Hugging Face decoder stack; a fqn names a ``ModuleList`` whose
     blocks run in sequence; ``None`` calibrates the whole model at once. ``layers``
-    (module fqns) defaults to every ``nn.Linear`` in the blocks; ``overrides`` maps layer
-    fqns to their own sparsity or pattern. Batches are token-id tensors ``(batch, seq)``
-    for language models, or any tensor / tuple / dict of the model's arguments.
+    (module fqns) defaults to every ``nn.Linear`` (and transformers' ``Conv1D``, as in
+    GPT-2) in the blocks; ``overrides`` maps layer fqns to their own sparsity or pattern.
+    Batches are token-id tensors ``(batch, seq)`` for language models, or any tensor /
+    tuple / dict of the model's arguments.
     Everything is checked, and the batches run through the model up to its first block,
     before any weight changes.
 

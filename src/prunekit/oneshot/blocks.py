@@ -1,9 +1,10 @@
 """Which blocks to run one after another, and which layers of them to prune.
 
 Hugging Face decoder stacks are found by name (``model.layers`` for Llama, Gemma,
-Mistral, Qwen; ``model.decoder.layers`` for OPT; ``gpt_neox.layers``; ...), or else as the
-largest ``nn.ModuleList`` of same-typed blocks holding Linear layers. A plain module
-names its stack with ``blocks="fqn"`` or is calibrated as one block.
+Mistral, Qwen; ``model.decoder.layers`` for OPT; ``transformer.h`` for GPT-2;
+``gpt_neox.layers``; ...), or else as the largest ``nn.ModuleList`` of same-typed blocks
+holding Linear layers (``nn.Linear``, or transformers' ``Conv1D`` as in GPT-2). A plain
+module names its stack with ``blocks="fqn"`` or is calibrated as one block.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module, resolve_tensor_fqn
+from prunekit.sparsifier.linear_like import LAYER_KINDS, is_linear_like
 
 __all__ = ["find_decoder_stack", "resolve_blocks", "resolve_layers"]
 
@@ -30,17 +31,13 @@ _KNOWN_STACKS = (
 Blocks = list[tuple[str, nn.Module]]
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return issubclass(parametrize.type_before_parametrizations(module), nn.Linear)
-
-
 def _is_stack(module: Any) -> bool:
     """A non-empty ``ModuleList``/``Sequential`` of same-typed blocks holding Linears."""
     if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
         return False
     if len({type(child) for child in module}) != 1:
         return False
-    return any(_is_linear(m) for m in module[0].modules())
+    return any(is_linear_like(m) for m in module[0].modules())
 
 
 def find_decoder_stack(model: nn.Module) -> str:
@@ -54,13 +51,10 @@ def find_decoder_stack(model: nn.Module) -> str:
         if name and isinstance(module, nn.ModuleList) and _is_stack(module)
     }
     if not sizes:
-        named = next((fqn for fqn in _KNOWN_STACKS if fqn_to_module(model, fqn) is not None), None)
-        why = (f"; {named!r} holds no nn.Linear (transformers' Conv1D, as in GPT-2, is not "
-               "supported)" if named else "")
         raise ConfigError(
             f"{type(model).__name__}: no stack of transformer blocks found (an nn.ModuleList of "
-            f"same-typed blocks with Linear layers){why}; pass blocks='<fqn of the stack>' or "
-            "blocks=None to calibrate the whole model at once"
+            f"same-typed blocks with {LAYER_KINDS} layers); pass blocks='<fqn of the stack>' "
+            "or blocks=None to calibrate the whole model at once"
         )
     return max(sizes, key=sizes.__getitem__)
 
@@ -102,14 +96,14 @@ def _linears(fqn: str, block: nn.Module) -> list[str]:
     """The Linear layers of a block, the block itself included when it is one."""
     prefix = f"{fqn}." if fqn else ""
     return [prefix + n if n else fqn for n, m in block.named_modules()
-            if (n or fqn) and _is_linear(m)]
+            if (n or fqn) and is_linear_like(m)]
 
 
 def resolve_layers(
     model: nn.Module, blocks: Blocks, layers: list[str] | None
 ) -> dict[str, list[str]]:
     """``{block fqn: [Linear fqns]}``: the named ``layers`` (default: every Linear of
-    every block), each checked to exist, to be an ``nn.Linear`` and to sit in a block."""
+    every block), each checked to exist, to be Linear-like and to sit in a block."""
     if layers is None:
         return {fqn: _linears(fqn, block) for fqn, block in blocks}
     if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
@@ -117,8 +111,9 @@ def resolve_layers(
     found: dict[str, list[str]] = {fqn: [] for fqn, _ in blocks}
     for name in layers:
         module = resolve_tensor_fqn(model, f"{name}.weight")["module"]
-        if not _is_linear(module):
-            raise ConfigError(f"layers: {name!r} is a {type(module).__name__}; expected nn.Linear")
+        if not is_linear_like(module):
+            raise ConfigError(f"layers: {name!r} is a {type(module).__name__}; expected "
+                              f"{LAYER_KINDS}")
         owner = _owner(name, blocks)
         if owner is None:
             raise ConfigError(

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from prunekit.errors import UnsupportedError
+from prunekit.sparsifier._loading import original_tensor
+from prunekit.sparsifier.linear_like import out_in
 from prunekit.sparsifier.oneshot_math import damped_cholesky
 
 if TYPE_CHECKING:
@@ -63,10 +64,8 @@ def _recording(layers: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Te
 
 
 def _original(module: nn.Module) -> torch.Tensor:
-    """The stored weight, under a parametrization if there is one."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight
+    """The stored weight (under a parametrization if there is one), ``out x in``."""
+    return out_in(module, original_tensor(module, "weight"))
 
 
 class DenseStream:

@@ -1,11 +1,12 @@
 """``CalibratedSparsifier``: the life cycle of sparsifiers that learn from activations.
 
 prepare → calibrate → step → squash_mask. ``calibrate()`` is a context manager: while
-it is open, forward pre-hooks on the prepared ``nn.Linear`` layers accumulate a
-statistic of their inputs (a Hessian ``Σ x xᵀ`` for SparseGPT, per-feature ``Σ x²``
-for Wanda); ``step()`` turns each statistic into a mask (and, for SparseGPT, new
-weights) and frees it. Both take ``tensor_fqns`` so that a sequential engine can hold
-the statistics of one transformer block at a time.
+it is open, forward pre-hooks on the prepared layers (``nn.Linear``, or transformers'
+``Conv1D``, see ``linear_like``) accumulate a statistic of their inputs (a Hessian
+``Σ x xᵀ`` for SparseGPT, per-feature ``Σ x²`` for Wanda); ``step()`` turns each
+statistic into a mask (and, for SparseGPT, new weights) and frees it. Both take
+``tensor_fqns`` so that a sequential engine can hold the statistics of one transformer
+block at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from torch.nn.utils import parametrize
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateError, UnsupportedError
 from prunekit.parametrization import FakeSparsity
 from prunekit.sparsifier._checks import check_level
-from prunekit.sparsifier.base import BaseSparsifier
+from prunekit.sparsifier.base import SUPPORTED_MODULES, BaseSparsifier
+from prunekit.sparsifier.linear_like import (
+    LAYER_KINDS,
+    conv1d_class,
+    in_features,
+    is_linear_like,
+    out_in,
+)
 
 __all__ = ["CalibratedSparsifier", "parse_pattern"]
 
@@ -95,6 +103,13 @@ class CalibratedSparsifier(BaseSparsifier):
             )
         return statistic
 
+    def make_config_from_model(
+        self, model: nn.Module, SUPPORTED_MODULES: set[type[nn.Module]] = SUPPORTED_MODULES
+    ) -> None:
+        """As ``BaseSparsifier``'s, with transformers' ``Conv1D`` layers (GPT-2's) too."""
+        conv1d = conv1d_class()
+        super().make_config_from_model(model, SUPPORTED_MODULES | ({conv1d} if conv1d else set()))
+
     # -- validation ------------------------------------------------------------------
     def validate_group(self, group: dict[str, Any]) -> None:
         where = f"{type(self).__name__} group {group['tensor_fqn']!r}"
@@ -103,13 +118,13 @@ class CalibratedSparsifier(BaseSparsifier):
         module = group.get("module")
         if module is None:
             return
-        kind = parametrize.type_before_parametrizations(module)
-        if not issubclass(kind, nn.Linear) or group.get("tensor_name") != "weight":
+        if not is_linear_like(module) or group.get("tensor_name") != "weight":
+            kind = parametrize.type_before_parametrizations(module)
             raise UnsupportedError(
-                f"{where}: only nn.Linear weights can be calibrated, got {kind.__name__}."
-                f"{group.get('tensor_name')}"
+                f"{where}: only the weights of {LAYER_KINDS} layers can be calibrated, got "
+                f"{kind.__name__}.{group.get('tensor_name')}"
             )
-        width = module.in_features
+        width = in_features(module)
         if nm is not None and width % nm[1]:
             raise ConfigError(
                 f"{where}: pattern {nm[0]}:{nm[1]} needs the input width to be a multiple of "
@@ -154,9 +169,9 @@ class CalibratedSparsifier(BaseSparsifier):
             for group in groups:
                 fqn = group["tensor_fqn"]
                 if fqn not in self._stats:
-                    weight = self._original(group["module"], "weight")
+                    weight = out_in(group["module"], self._original(group["module"], "weight"))
                     self._stats[fqn], self._tokens[fqn] = self.new_statistic(weight), 0
-                hook = partial(self._record, fqn)
+                hook = partial(self._record, fqn, in_features(group["module"]))
                 handles.append(group["module"].register_forward_pre_hook(hook))
             yield self
         finally:
@@ -172,13 +187,11 @@ class CalibratedSparsifier(BaseSparsifier):
                 done[id(statistic)] = self.prepare_statistic(group, statistic)
         return [done[id(self._stats[g["tensor_fqn"]])] for g in groups]
 
-    def _record(self, fqn: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _record(self, fqn: str, width: int, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (module.in_features,):
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (width,):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ConfigError(
-                f"calibrate: {fqn!r} got input {got}; expected (..., {module.in_features})"
-            )
+            raise ConfigError(f"calibrate: {fqn!r} got input {got}; expected (..., {width})")
         with torch.no_grad():
             x = x.detach().reshape(-1, x.shape[-1])
             self.accumulate(self._stats[fqn], x.to(self._stats[fqn].dtype))
@@ -192,9 +205,10 @@ class CalibratedSparsifier(BaseSparsifier):
             raise StateError(f"share_statistic: {source!r} has not been calibrated")
         for group in self._select([source, *targets], "share_statistic")[1:]:
             fqn = group["tensor_fqn"]
-            if group["module"].in_features != self._stats[source].shape[0]:
+            width = in_features(group["module"])
+            if width != self._stats[source].shape[0]:
                 raise ConfigError(
-                    f"share_statistic: {fqn!r} reads {group['module'].in_features} inputs, "
+                    f"share_statistic: {fqn!r} reads {width} inputs, "
                     f"{source!r} {self._stats[source].shape[0]}; they cannot share an input"
                 )
             self._stats[fqn], self._tokens[fqn] = self._stats[source], self._tokens[source]

@@ -12,6 +12,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
+from prunekit.sparsifier.linear_like import out_in
 
 __all__ = ["HessianSparsifier"]
 
@@ -45,10 +46,11 @@ class HessianSparsifier(CalibratedSparsifier):
         nm = parse_pattern(type(self).__name__, pattern)
         if nm is None and sparsity_level == 0:
             return  # nothing to prune: leave the weights bit for bit
-        original = self._original(module, tensor_name)
-        weight, keep = self.solve(original.detach(), statistic, sparsity_level, nm, group)
+        original = out_in(module, self._original(module, tensor_name))
+        weight, keep = self.solve(original.detach().contiguous(), statistic, sparsity_level, nm,
+                                  group)
         original.copy_(weight.to(original.dtype))
-        self.state[group["tensor_fqn"]]["mask"].copy_(keep)
+        out_in(module, self.state[group["tensor_fqn"]]["mask"]).copy_(keep)
 
     def validate_group(self, group: dict[str, Any]) -> None:
         super().validate_group(group)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
+from prunekit.sparsifier.linear_like import out_in
 from prunekit.sparsifier.oneshot_math import wanda_keep_mask
 
 __all__ = ["WandaSparsifier"]
@@ -48,6 +49,6 @@ class WandaSparsifier(CalibratedSparsifier):
         **kwargs: Any,
     ) -> None:
         nm = parse_pattern(type(self).__name__, pattern)
-        weight = self._original(module, tensor_name)
+        weight = out_in(module, self._original(module, tensor_name))
         keep = wanda_keep_mask(weight, statistic, sparsity_level, nm)
-        self.state[kwargs["tensor_fqn"]]["mask"].copy_(keep)
+        out_in(module, self.state[kwargs["tensor_fqn"]]["mask"]).copy_(keep)

@@ -125,3 +125,20 @@ def test_a_calibrated_sparsifier_prepares_conv1d_layers_by_default():
     assert {"transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight",
             "lm_head.weight"} <= prepared
     assert len(prepared) == 2 * 4 + 1
+
+
+def test_conv1d_is_recognised_without_importing_transformers():
+    """``import prunekit`` leaves transformers unloaded (the default install has no
+    ``[llm]`` extra); no model can then hold a Conv1D, and none is looked for."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch, prunekit\n"
+              "from prunekit.sparsifier.linear_like import conv1d_class, is_linear_like\n"
+              "assert 'transformers' not in sys.modules\n"
+              "assert conv1d_class() is None and is_linear_like(torch.nn.Linear(2, 2))\n"
+              "assert not is_linear_like(torch.nn.Conv1d(2, 2, 1))\n"
+              "assert 'transformers' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr

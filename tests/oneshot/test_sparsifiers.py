@@ -250,7 +250,8 @@ def test_prepare_refuses_widths_and_layer_types_before_any_change(cls):
     before = snapshot(model)
     with pytest.raises(ConfigError, match=r"pattern 2:4 needs .* multiple of 4, got in_features=6"):
         cls(pattern="2:4").prepare(model, None)
-    with pytest.raises(UnsupportedError, match=r"only nn.Linear weights .*, got Conv2d"):
+    with pytest.raises(UnsupportedError, match=r"only the weights of nn.Linear or "
+                       r"transformers' Conv1D layers can be calibrated, got Conv2d.weight"):
         cls().prepare(model, [{"tensor_fqn": "1.weight"}])
     assert_unchanged(before, model)
 

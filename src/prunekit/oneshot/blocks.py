@@ -93,7 +93,7 @@ def _owner(name: str, blocks: Blocks) -> str | None:
 
 
 def _linears(fqn: str, block: nn.Module) -> list[str]:
-    """The Linear layers of a block, the block itself included when it is one."""
+    """The Linear-like layers of a block, the block itself included when it is one."""
     prefix = f"{fqn}." if fqn else ""
     return [prefix + n if n else fqn for n, m in block.named_modules()
             if (n or fqn) and is_linear_like(m)]

@@ -36,8 +36,9 @@ def is_linear_like(module: nn.Module) -> bool:
 
 def in_features(module: nn.Module) -> int:
     """The input width of a Linear-like layer."""
-    return int(original_tensor(module, "weight").shape[0]) if is_conv1d(module) else int(
-        module.in_features)
+    if is_conv1d(module):
+        return int(original_tensor(module, "weight").shape[0])
+    return int(module.in_features)
 
 
 def out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:

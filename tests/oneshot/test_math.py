@@ -133,7 +133,7 @@ def test_non_finite_hessians_are_refused(where, value):
 
 
 _PEAK_MEMORY = """
-import sys, torch
+import torch
 from pathlib import Path
 from prunekit.sparsifier import oneshot_math as m
 torch.set_num_threads(1)
@@ -160,9 +160,8 @@ print((kib("VmHWM") - before) * 1024)
 def peak_bytes(call: str) -> float:
     """Peak resident memory of ``call`` beyond its inputs: a 1536² float32 Hessian
     ``h`` (``h64`` in float64, ``damped`` with damping), a (576, 1536) weight ``w`` and
-    its mask ``keep``. A fresh
-    process with glibc mapping every tensor on its own, so freed memory is not reused
-    unseen."""
+    its mask ``keep``. A fresh process with glibc mapping every tensor on its own, so
+    freed memory is not reused unseen."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     run = subprocess.run([sys.executable, "-c", _PEAK_MEMORY.replace("{call}", call)],
                          env=env, capture_output=True, text=True, check=True)

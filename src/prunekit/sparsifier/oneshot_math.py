@@ -376,12 +376,12 @@ def admm_prune(
 
 
 class _UnitHessian:
-    """``Hₙ = D⁻¹ H D⁻¹ + percdamp I`` (``D`` the input scales) and its ridge inverses,
-    all made in one float32 working matrix from the caller's ``H``: ADMM holds no other
-    matrix of the layer's width. ``rho`` changes every iteration, so each inverse is a
-    fresh Cholesky factorisation, inverted in place (about the cost of the iteration's
-    matrix product); one float64 eigendecomposition, reused, takes about ten float32
-    matrices' memory (the copy, the eigenvectors, LAPACK's workspace)."""
+    """``Hₙ = D⁻¹ H D⁻¹ + percdamp I`` (``D`` the input scales) and the ridge steps
+    through ``Hₙ + rho I``, all made in one float32 working matrix from the caller's
+    ``H``: ADMM holds no other matrix of the layer's width. ``rho`` changes every
+    iteration, so each step factorises afresh; one float64 eigendecomposition, reused,
+    would take about ten float32 matrices' memory (the copy, the eigenvectors,
+    LAPACK's workspace)."""
 
     def __init__(self, hessian: torch.Tensor, scale: torch.Tensor, percdamp: float) -> None:
         self.hessian, self.scale, self.percdamp = hessian, scale, percdamp
@@ -393,13 +393,28 @@ class _UnitHessian:
         self.work.div_(self.scale[None, :]).diagonal().add_(self.percdamp + rho)
         return self.work
 
-    def ridge_inverse(self, rho: float) -> torch.Tensor:
-        """``(Hₙ + rho I)⁻¹`` in the working matrix, for ``rho > 0``."""
+    def ridge_step(
+        self, original: torch.Tensor, residual: torch.Tensor, rho: float, spare: torch.Tensor
+    ) -> torch.Tensor:
+        """``original + rho · residual (Hₙ + rho I)⁻¹``, for ``rho > 0``, written in
+        ``residual`` or in ``spare`` (the one returned; the other is spent).
+
+        Both routes start from the Cholesky factor ``U``. A layer with fewer outputs
+        than inputs (down_proj, k/v) solves ``residual`` against ``Uᵀ U`` in place, two
+        triangular solves; the others invert the factor and multiply, which costs more
+        arithmetic but runs as one matrix product, faster once the rows outnumber the
+        inputs."""
         h = self.ridge(rho)
-        if not _inverse_in_place(h):  # Hₙ is positive semi-definite and rho > 0
+        if not _upper_cholesky_in_place(h):  # Hₙ is positive semi-definite and rho > 0
             raise ConfigError(f"ADMM: the Hessian plus {rho:.3g} I is not positive "
                               f"definite ({h.shape[0]} inputs); check the calibration data")
-        return h
+        if residual.shape[0] < residual.shape[1]:
+            torch.linalg.solve_triangular(h, residual, upper=True, left=False, out=residual)
+            torch.linalg.solve_triangular(h.mT, residual, upper=False, left=False,
+                                          out=residual)
+            return residual.mul_(rho).add_(original)
+        torch.cholesky_inverse(h.mT, out=h.mT)
+        return torch.addmm(original, residual, h, alpha=rho, out=spare)
 
 
 def _admm_iterations(
@@ -433,7 +448,7 @@ def _admm_iterations(
         if it == iters - 1:
             break
         torch.sub(z, dual, out=w).sub_(original)
-        torch.addmm(original, w, unit.ridge_inverse(rho), alpha=rho, out=z)
-        w, z = z, w  # z is spent until the next iteration refills it
+        step = unit.ridge_step(original, w, rho, spare=z)
+        w, z = step, (z if step is w else w)  # z is spent until the next iteration
         rho *= _ADMM_GROWTH
     return z, drop

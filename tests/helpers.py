@@ -1,8 +1,10 @@
-"""Shared test helpers: model snapshots that prove a failed call changed nothing, and
-the manual one-layer pruning the one-shot tests compare the engine with."""
+"""Shared test helpers: model snapshots that prove a failed call changed nothing, the
+manual one-layer pruning the one-shot tests compare the engine with, and GPT-2's twin
+with plain Linears."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -66,3 +68,21 @@ def prune_manually(cls: type, layer: nn.Linear, inputs: list[torch.Tensor]) -> N
             layer(x)
     s.step()
     s.squash_mask()
+
+
+def linearized(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every transformers ``Conv1D`` (weight ``in x out``)
+    replaced by the ``nn.Linear`` it computes."""
+    from transformers.pytorch_utils import Conv1D
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, Conv1D):
+            nx, nf = module.weight.shape
+            linear = nn.Linear(nx, nf)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin

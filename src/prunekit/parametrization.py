@@ -19,7 +19,14 @@ from torch.nn.utils import parametrize
 from prunekit._cpu_masks import zero_masked_
 from prunekit.errors import ConfigError
 
-__all__ = ["FakeSparsity", "is_dtensor", "module_contains_param"]
+__all__ = ["FakeSparsity", "is_dtensor", "module_contains_param", "original_tensor"]
+
+
+def original_tensor(module: nn.Module, tensor_name: str) -> torch.Tensor:
+    """The stored tensor behind ``module.<tensor_name>`` (the original if parametrized)."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return module.parametrizations[tensor_name].original
+    return getattr(module, tensor_name)
 
 
 def is_dtensor(t: object) -> bool:

@@ -4,16 +4,14 @@ model with those layers turned into ``nn.Linear``."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 import prunekit
 from prunekit.errors import ConfigError
-from prunekit.sparsifier.linear_like import in_features, is_conv1d, is_linear_like, out_in
-from tests.helpers import assert_unchanged, snapshot
+from prunekit.linear_like import in_features, is_conv1d, is_linear_like, out_in
+from tests.helpers import assert_unchanged, linearized, snapshot
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -26,21 +24,6 @@ def gpt2() -> nn.Module:
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
                                      n_positions=64)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-def linearized(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every Conv1D replaced by the nn.Linear it computes."""
-    twin = copy.deepcopy(model)
-    for name, module in list(twin.named_modules()):
-        if isinstance(module, Conv1D):
-            nx, nf = module.weight.shape
-            linear = nn.Linear(nx, nf)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.T)
-                linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, linear)
-    return twin
 
 
 def batches() -> list[dict[str, torch.Tensor]]:
@@ -134,7 +117,7 @@ def test_conv1d_is_recognised_without_importing_transformers():
     import sys
 
     script = ("import sys, torch, prunekit\n"
-              "from prunekit.sparsifier.linear_like import conv1d_class, is_linear_like\n"
+              "from prunekit.linear_like import conv1d_class, is_linear_like\n"
               "assert 'transformers' not in sys.modules\n"
               "assert conv1d_class() is None and is_linear_like(torch.nn.Linear(2, 2))\n"
               "assert not is_linear_like(torch.nn.Conv1d(2, 2, 1))\n"

@@ -11,13 +11,13 @@ from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module
+from prunekit.linear_like import in_features, is_conv1d
 from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
 from prunekit.oneshot.dense_targets import DenseStream
 from prunekit.oneshot.engine import capture_inputs, inference_context, run_sequential
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.admm import AdmmSparsifier
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
-from prunekit.sparsifier.linear_like import in_features, is_conv1d
 from prunekit.sparsifier.sparsegpt import SparseGPTSparsifier
 from prunekit.sparsifier.wanda import WandaSparsifier
 from prunekit.sparsifier.weight_norm import WeightNormSparsifier

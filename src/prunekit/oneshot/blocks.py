@@ -15,7 +15,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module, resolve_tensor_fqn
-from prunekit.sparsifier.linear_like import LAYER_KINDS, is_linear_like
+from prunekit.linear_like import LAYER_KINDS, is_linear_like
 
 __all__ = ["find_decoder_stack", "resolve_blocks", "resolve_layers"]
 

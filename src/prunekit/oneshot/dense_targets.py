@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import UnsupportedError
-from prunekit.sparsifier._loading import original_tensor
-from prunekit.sparsifier.linear_like import out_in
+from prunekit.linear_like import out_in
+from prunekit.parametrization import original_tensor
 from prunekit.sparsifier.oneshot_math import damped_cholesky
 
 if TYPE_CHECKING:

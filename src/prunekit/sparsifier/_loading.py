@@ -12,15 +12,8 @@ from torch.nn.utils import parametrize
 
 from prunekit.errors import FqnError, StateDictError
 from prunekit.fqn import resolve_tensor_fqn
-from prunekit.parametrization import FakeSparsity
+from prunekit.parametrization import FakeSparsity, original_tensor
 from prunekit.sparsifier._tensors import check_not_sharded, tied_to
-
-
-def original_tensor(module: nn.Module, tensor_name: str) -> torch.Tensor:
-    """The stored tensor behind ``module.<tensor_name>`` (the original if parametrized)."""
-    if parametrize.is_parametrized(module, tensor_name):
-        return module.parametrizations[tensor_name].original
-    return getattr(module, tensor_name)
 
 
 def sparsity_of(module: nn.Module, tensor_name: str) -> FakeSparsity | None:

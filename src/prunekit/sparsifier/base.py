@@ -28,13 +28,12 @@ from prunekit.errors import (
     StateError,
 )
 from prunekit.fqn import module_to_fqn, resolve_tensor_fqn
-from prunekit.parametrization import FakeSparsity, module_contains_param
+from prunekit.parametrization import FakeSparsity, module_contains_param, original_tensor
 from prunekit.sparsifier._fsdp import remove_mask, sharded_homes
 from prunekit.sparsifier._loading import (
     groups_to_load,
     install_mask,
     masks_to_load,
-    original_tensor,
     sparsity_of,
 )
 from prunekit.sparsifier._tensors import (

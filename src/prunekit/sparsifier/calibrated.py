@@ -23,16 +23,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError, StateError, UnsupportedError
-from prunekit.parametrization import FakeSparsity
-from prunekit.sparsifier._checks import check_level
-from prunekit.sparsifier.base import SUPPORTED_MODULES, BaseSparsifier
-from prunekit.sparsifier.linear_like import (
+from prunekit.linear_like import (
     LAYER_KINDS,
     conv1d_class,
     in_features,
     is_linear_like,
     out_in,
 )
+from prunekit.parametrization import FakeSparsity
+from prunekit.sparsifier._checks import check_level
+from prunekit.sparsifier.base import SUPPORTED_MODULES, BaseSparsifier
 
 __all__ = ["CalibratedSparsifier", "parse_pattern"]
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError
+from prunekit.linear_like import out_in
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
-from prunekit.sparsifier.linear_like import out_in
 
 __all__ = ["HessianSparsifier"]
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.linear_like import out_in
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
-from prunekit.sparsifier.linear_like import out_in
 from prunekit.sparsifier.oneshot_math import wanda_keep_mask
 
 __all__ = ["WandaSparsifier"]

@@ -1,8 +1,8 @@
-"""The layers calibrated sparsifiers prune: ``nn.Linear``, and Hugging Face transformers'
-``Conv1D`` (GPT-2 and its kin), the same affine map with its weight stored transposed
-(``in x out``). The methods work on ``out x in`` weights; ``out_in`` gives that view of
-either, so a Conv1D layer is pruned exactly as the equivalent Linear would be, N:M groups
-running along its inputs."""
+"""Linear-like layers: ``nn.Linear``, and Hugging Face transformers' ``Conv1D`` (GPT-2
+and its kin), the same affine map with its weight stored transposed (``in x out``). The
+calibrated sparsifiers and ``deploy`` work on ``out x in`` weights; ``out_in`` gives that
+view of either, so a Conv1D layer is pruned (N:M groups running along its inputs) and
+deployed exactly as the equivalent Linear would be."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from prunekit.sparsifier._loading import original_tensor
+from prunekit.parametrization import original_tensor
 
 __all__ = ["LAYER_KINDS", "conv1d_class", "in_features", "is_conv1d", "is_linear_like", "out_in"]
 

@@ -11,6 +11,7 @@ from torch import nn
 from prunekit.deploy import (
     BsrLayout,
     CsrLayout,
+    DenseLayout,
     RowBlockLayout,
     SparseConv1x1,
     SparseLinear,
@@ -73,6 +74,19 @@ def test_a_dense_checkpoint_loads_into_a_sparse_module():
     assert sparse.weight.layout == torch.sparse_csr
     x = torch.randn(4, 32)
     torch.testing.assert_close(sparse(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_dense_state_has_the_conv_weights_shape():
+    """A layout torch cannot save packed (semi-structured on CUDA; dense here) saves the
+    weight in the deployed layer's own shape, so that layer loads it back."""
+    conv = nn.Conv2d(32, 16, 1)
+    sparse = SparseConv1x1.from_dense(conv, DenseLayout())
+    assert sparse.state_dict()["weight"].shape == (16, 32, 1, 1)
+    fresh = nn.Conv2d(32, 16, 1)
+    fresh.load_state_dict(sparse.state_dict())
+    torch.testing.assert_close(fresh.weight, conv.weight)
+    with pytest.raises(ConfigError, match=r"expected \(16, 32, 1, 1\)"):
+        sparse.load_state_dict({"weight": torch.zeros(16, 32), "bias": torch.zeros(16)})
 
 
 def test_torch_save_and_load_of_a_sparse_state_dict():

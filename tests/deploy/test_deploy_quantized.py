@@ -148,10 +148,10 @@ def test_a_build_without_the_kernel_engine_gets_a_clear_error(monkeypatch, dynam
 def test_non_float_and_missing_linears_are_refused():
     model = sparse_mlp()
     model[2].weight = nn.Parameter(torch.ones(32, 128, dtype=torch.int32), requires_grad=False)
-    message = r"layer '2' \(128->32\): weight dtype is torch.int32"
+    message = r"layer '2' \(Linear 128->32\): weight dtype is torch.int32"
     with pytest.raises(ConfigTypeError, match=message):
         sparse_quantize(model)
-    with pytest.raises(ConfigTypeError, match=r"no nn\.Linear layer"):
+    with pytest.raises(ConfigTypeError, match=r"no nn\.Linear \(or transformers Conv1D\) layer"):
         sparse_quantize(nn.Sequential(nn.ReLU()))
 
 

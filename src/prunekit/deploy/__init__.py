@@ -19,7 +19,7 @@ from prunekit.deploy.layouts import (
     infer_blocksize,
     register_layout,
 )
-from prunekit.deploy.modules import SparseConv1x1, SparseLinear
+from prunekit.deploy.modules import SparseConv1D, SparseConv1x1, SparseLinear
 from prunekit.deploy.quantized import SparseQuantizedIsland, sparse_quantize
 from prunekit.deploy.quantized_modules import (
     FbgemmSparseQuantizedLinear,
@@ -39,6 +39,7 @@ __all__ = [
     "QnnpackSparseDynamicLinear",
     "RowBlockLayout",
     "SemiStructuredLayout",
+    "SparseConv1D",
     "SparseConv1x1",
     "SparseLinear",
     "SparseQuantizedIsland",

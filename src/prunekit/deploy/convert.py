@@ -1,4 +1,5 @@
-"""``to_sparse``: replace sparse Linear / pointwise Conv2d layers by sparse-layout modules."""
+"""``to_sparse``: replace sparse Linear-like / pointwise Conv2d layers by sparse-layout
+modules."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from prunekit.deploy.auto import capture_inputs, choose, confirmed_speedup, time_candidates
 from prunekit.deploy.layouts import LAYOUTS, Layout, check_float_weight
-from prunekit.deploy.modules import SparseConv1x1, SparseLinear, is_pointwise_conv
+from prunekit.deploy.modules import SparseConv1D, SparseConv1x1, SparseLinear, is_pointwise_conv
 from prunekit.deploy.report import DeployReport, LayerChoice
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+from prunekit.linear_like import is_conv1d
 
 __all__ = ["to_sparse"]
 
@@ -28,6 +30,8 @@ def _kind(module: nn.Module) -> type[SparseLinear] | None:
         return SparseLinear
     if is_pointwise_conv(module):
         return SparseConv1x1
+    if is_conv1d(module):
+        return SparseConv1D
     return None
 
 
@@ -54,8 +58,8 @@ def _targets(model: nn.Module, modules: Iterable[str] | None) -> dict[str, nn.Mo
             raise ConfigTypeError(
                 f"to_sparse: layer {fqn!r} is a "
                 f"{type_before_parametrizations(named[fqn]).__name__}; "
-                "expected nn.Linear or a pointwise nn.Conv2d (1x1 kernel, stride 1, no padding, "
-                "groups=1)"
+                "expected nn.Linear, transformers' Conv1D or a pointwise nn.Conv2d (1x1 kernel, "
+                "stride 1, no padding, groups=1)"
             )
         targets[fqn] = named[fqn]
     return targets
@@ -65,13 +69,19 @@ def _blocksize(module: nn.Module, blocksize: tuple[int, int] | None) -> tuple[in
     if blocksize is not None:
         return tuple(blocksize)  # type: ignore[return-value]
     kept = getattr(module, "sparse_params", None) or {}
-    block = kept.get("sparse_block_shape")
-    return tuple(block) if block is not None else None  # type: ignore[return-value]
+    block = kept.get("sparse_block_shape")  # a block of the weight as stored
+    if block is None:
+        return None
+    return _deployed_kind(module).map_block(tuple(block))  # type: ignore[arg-type]
+
+
+def _deployed_kind(module: nn.Module) -> type[SparseLinear]:
+    return cast(type[SparseLinear], _kind(module))  # _targets yields supported layers only
 
 
 def _weight_2d(module: nn.Module) -> torch.Tensor:
-    weight = module.weight.detach()
-    return weight.reshape(weight.shape[0], -1)
+    """The layer's weight as the ``out x in`` matrix the layouts store."""
+    return _deployed_kind(module).map_weight(module)
 
 
 def _choice(
@@ -114,9 +124,8 @@ def _trial(fqn: str, module: nn.Module, layout: Layout, x: torch.Tensor) -> nn.M
     dtype, shape or device only when called."""
     if layout.name == "dense":
         return module
-    kind = cast(type[SparseLinear], _kind(module))  # _targets yields supported layers only
     try:
-        candidate = kind.from_dense(module, layout)
+        candidate = _deployed_kind(module).from_dense(module, layout)
         with torch.inference_mode():
             candidate(x)
     except _KERNEL_ERRORS as exc:
@@ -128,7 +137,8 @@ def _trial(fqn: str, module: nn.Module, layout: Layout, x: torch.Tensor) -> nn.M
 def _probe_input(module: nn.Module) -> torch.Tensor:
     """One zero row (or pixel) of the layer's input, to try a layout without real data."""
     weight = module.weight
-    shape = (1, weight.shape[1], 1, 1) if weight.dim() == 4 else (1, weight.shape[1])
+    width = _weight_2d(module).shape[1]
+    shape = (1, width, 1, 1) if weight.dim() == 4 else (1, width)
     return torch.zeros(shape, dtype=weight.dtype, device=weight.device)
 
 
@@ -228,14 +238,16 @@ def to_sparse(
     margin: float = 0.1,
     inplace: bool = False,
 ) -> nn.Module:
-    """Replace sparse ``nn.Linear`` and pointwise ``nn.Conv2d`` layers for faster inference.
+    """Replace sparse ``nn.Linear``, transformers' ``Conv1D`` and pointwise ``nn.Conv2d``
+    layers for faster inference.
 
     ``layout`` is ``"auto"`` (time every fitting layout on the layer's input from
     ``example_inputs``; keep a sparse one only if it beats dense by ``margin``) or a name in
     ``LAYOUTS`` (``"dense"``, ``"csr"``, ``"bsr"``, ``"row_blocks"``, ``"semi_structured"``).
     ``modules`` restricts the layers (fqns); otherwise every supported layer with zeros is
-    considered. Blocks (BSR, row blocks) come from ``blocksize``, else
-    ``module.sparse_params["sparse_block_shape"]``, else the zeros' own block structure.
+    considered. Blocks (BSR, row blocks) come from ``blocksize`` (of the ``out x in``
+    matrix), else ``module.sparse_params["sparse_block_shape"]`` (of the weight as stored:
+    transposed for a Conv1D), else the zeros' own block structure.
     Returns the model (a copy unless ``inplace``) with ``model.deploy_report`` saying what
     each layer got and why; on any error the model is left unchanged.
 

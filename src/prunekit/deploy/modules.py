@@ -1,8 +1,9 @@
 """Inference modules that multiply with a packed (sparse) weight.
 
 The packed weight is a buffer named ``weight`` and the bias a buffer named ``bias``, so
-state_dict keys match ``nn.Linear``/``nn.Conv2d``. Loading accepts either the packed form
-(any number of nonzeros) or a dense weight, which is re-packed: a dense checkpoint loads
+state_dict keys match the layer deployed (``nn.Linear``, ``nn.Conv2d``, transformers'
+``Conv1D``). Loading accepts either the packed form (any number of nonzeros) or a dense
+weight in the deployed layer's own shape, which is re-packed: a dense checkpoint loads
 into a deployed model.
 """
 
@@ -17,7 +18,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 from prunekit.deploy.layouts import Layout
 from prunekit.errors import ConfigError
 
-__all__ = ["SparseConv1x1", "SparseLinear", "is_pointwise_conv"]
+__all__ = ["SparseConv1D", "SparseConv1x1", "SparseLinear", "is_pointwise_conv"]
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
@@ -56,9 +57,31 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, module: nn.Module, layout: Layout) -> SparseLinear:
-        """Pack the zero-filled weight of ``module`` (a Linear, or a 1x1 Conv2d)."""
+        """Pack the zero-filled weight of ``module`` (the kind this class deploys)."""
+        return cls(cls.map_weight(module), module.bias, layout)
+
+    @staticmethod
+    def map_weight(module: nn.Module) -> torch.Tensor:
+        """``module``'s weight as the ``out x in`` matrix of its affine map."""
         weight = module.weight.detach()
-        return cls(weight.reshape(weight.shape[0], -1), module.bias, layout)
+        return weight.reshape(weight.shape[0], -1)
+
+    @staticmethod
+    def map_block(stored_block: tuple[int, int]) -> tuple[int, int]:
+        """A block shape of the stored weight as a block of ``map_weight``."""
+        return stored_block
+
+    def checkpoint_shape(self) -> tuple[int, ...]:
+        """The shape of the deployed layer's dense weight: what its checkpoints hold."""
+        return (self.out_features, self.in_features)
+
+    def to_checkpoint(self, dense: torch.Tensor) -> torch.Tensor:
+        """The dense ``out x in`` weight in ``checkpoint_shape``."""
+        return dense.reshape(self.checkpoint_shape())
+
+    def from_checkpoint(self, dense: torch.Tensor) -> torch.Tensor:
+        """A dense weight of ``checkpoint_shape`` as the ``out x in`` matrix."""
+        return dense.reshape(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         nnz = int((self.dense_weight() != 0).sum())
@@ -81,7 +104,9 @@ class SparseLinear(nn.Module):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._save_to_state_dict(destination, prefix, *args)
-        destination[prefix + "weight"] = self.layout.to_state(self.weight)
+        state = self.layout.to_state(self.weight)
+        dense = state.layout == torch.strided  # a layout torch cannot save packed
+        destination[prefix + "weight"] = self.to_checkpoint(state) if dense else state
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -99,13 +124,13 @@ class SparseLinear(nn.Module):
     def _repack(self, incoming: torch.Tensor, key: str) -> torch.Tensor:
         current = self.weight
         if incoming.layout == torch.strided:
-            expected = (self.out_features, self.in_features)
-            if incoming.numel() != expected[0] * expected[1]:
+            expected = self.checkpoint_shape()
+            if tuple(incoming.shape) != expected:
                 raise ConfigError(
                     f"load_state_dict: {key!r} has shape {tuple(incoming.shape)}; expected "
                     f"{expected} (or a packed {self.layout.describe()} weight)"
                 )
-            dense = incoming.reshape(expected).to(current.device, current.dtype)
+            dense = self.from_checkpoint(incoming).to(current.device, current.dtype)
             return self.layout.pack(dense)
         if incoming.layout != current.layout or incoming.shape != current.shape:
             raise ConfigError(
@@ -120,9 +145,35 @@ class SparseConv1x1(SparseLinear):
     """A pointwise ``nn.Conv2d`` (1x1, stride 1, no padding, one group) as a sparse matmul
     over channels: ``y[n, :, h, w] = W @ x[n, :, h, w] + b``."""
 
+    def checkpoint_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         # (C, N*H*W): channels first so the sparse weight multiplies from the left.
         cols = x.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
         y = self._matmul(cols.T)  # (N*H*W, out)
         return y.T.reshape(self.out_features, n, h, w).transpose(0, 1)
+
+
+class SparseConv1D(SparseLinear):
+    """transformers' ``Conv1D`` (GPT-2's layers: ``x @ W + b`` with ``W`` stored ``in x
+    out``) deployed as the Linear it computes. Dense checkpoints keep Conv1D's ``in x
+    out`` weight, so a dense GPT-2 state_dict loads into the deployed model."""
+
+    @staticmethod
+    def map_weight(module: nn.Module) -> torch.Tensor:
+        return module.weight.detach().T
+
+    @staticmethod
+    def map_block(stored_block: tuple[int, int]) -> tuple[int, int]:
+        return stored_block[1], stored_block[0]
+
+    def checkpoint_shape(self) -> tuple[int, ...]:
+        return (self.in_features, self.out_features)
+
+    def to_checkpoint(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.T
+
+    def from_checkpoint(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.T

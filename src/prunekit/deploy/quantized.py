@@ -38,6 +38,7 @@ from prunekit.deploy.quantized_modules import (
     quiet_int8_deprecations,
 )
 from prunekit.errors import ConfigError, ConfigTypeError
+from prunekit.linear_like import is_conv1d, out_in
 from prunekit.swap import register_swap_handler
 
 __all__ = ["SparseQuantizedIsland", "sparse_quantize"]
@@ -63,7 +64,8 @@ def _name(module: nn.Module) -> str:
 
 
 def _where(fqn: str, module: nn.Module) -> str:
-    return f"sparse_quantize: layer {fqn!r} ({module.in_features}->{module.out_features})"
+    out_features, in_features = out_in(module, module.weight).shape
+    return f"sparse_quantize: layer {fqn!r} ({_name(module)} {in_features}->{out_features})"
 
 
 def _check_linear(module: nn.Module, where: str) -> None:
@@ -123,21 +125,39 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
     targets = {
         fqn: m
         for fqn, m in model.named_modules()
-        if fqn and parametrize.type_before_parametrizations(m) is nn.Linear
+        if fqn and (parametrize.type_before_parametrizations(m) is nn.Linear or is_conv1d(m))
     }
     if not targets:
-        raise ConfigTypeError("sparse_quantize: the model has no nn.Linear layer to quantize")
+        raise ConfigTypeError(
+            "sparse_quantize: the model has no nn.Linear (or transformers Conv1D) layer to "
+            "quantize"
+        )
     for fqn, module in targets.items():
         _check_linear(module, _where(fqn, module))
     return targets
 
 
 def _squash(module: nn.Module) -> nn.Module:
-    """Bake any mask into the weight and record the kernel's block shape (in place)."""
+    """Bake any mask into the weight and record the kernel's block shape (in place); a
+    Conv1D becomes the ``nn.Linear`` it computes, which torch's int8 modules take."""
     if parametrize.is_parametrized(module, "weight"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if is_conv1d(module):
+        module = _linear_of_conv1d(module)
     module.sparse_params = {**getattr(module, "sparse_params", {}), "sparse_block_shape": BLOCK}
     return module
+
+
+def _linear_of_conv1d(conv1d: nn.Module) -> nn.Linear:
+    weight = out_in(conv1d, conv1d.weight.detach())
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=conv1d.bias is not None,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if conv1d.bias is not None:
+            linear.bias.copy_(conv1d.bias)
+    linear.sparse_params = dict(getattr(conv1d, "sparse_params", {}))
+    return linear
 
 
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -184,7 +204,8 @@ def _check_calibration(batches: Iterable[Any] | None, dynamic: bool) -> list[Any
 def sparse_quantize(
     model: nn.Module, calibration_batches: Iterable[Any] | None = None, dynamic: bool = True
 ) -> nn.Module:
-    """A copy of ``model`` whose ``nn.Linear`` layers are sparse int8 (1x4 blocks).
+    """A copy of ``model`` whose ``nn.Linear`` layers (and transformers' ``Conv1D``, as
+    the Linear it computes) are sparse int8 (1x4 blocks).
 
     ``dynamic=True``: weights int8, activations quantized per call
     (``torch.ao.nn.sparse.quantized.dynamic.Linear``, qnnpack kernel). ``dynamic=False``:
@@ -203,6 +224,8 @@ def sparse_quantize(
     _targets(model)  # fail on a bad layer before paying for the copy
     work = copy.deepcopy(model)
     targets = {fqn: _squash(m) for fqn, m in _targets(work).items()}
+    for fqn, module in targets.items():
+        _set(work, fqn, module)  # a Conv1D's Linear replaces it
     if dynamic:
         for fqn, module in targets.items():
             _set(work, fqn, _dynamic(module))

@@ -116,6 +116,31 @@ def test_constant_split_sizes_and_slices_freeze_channels() -> None:
     assert (model.a.out_features, model.b.out_features) == (8, 8)
 
 
+class EqualSplit(nn.Module):
+    """Two equal halves, multiplied: coupled only if an attribute holds their size."""
+
+    def __init__(self, held: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(8, 2)
+        if held:
+            self.split_size = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = self.a(x).split(getattr(self, "split_size", 8), dim=-1)
+        return self.b(left * torch.pow(right, 2))
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_equal_splits_whose_size_an_attribute_holds_shrink_together(held: bool) -> None:
+    """GPT-2's ``c_attn(x).split(self.split_size)``: the halves lose the same channels
+    and ``split_size`` follows; a size only the code knows keeps them whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(EqualSplit(held))  # attributes are read from the calling submodule
+    check_equivalent(model, torch.randn(3, 4), ratio=0.5)
+    assert model[0].a.out_features == (8 if held else 16)
+    assert getattr(model[0], "split_size", None) == (4 if held else None)
+
+
 def test_grouped_convs_lose_whole_groups() -> None:
     torch.manual_seed(0)
     model, x = Depthwise(), torch.randn(2, 3, 5, 5)

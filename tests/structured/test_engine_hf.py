@@ -22,6 +22,7 @@ from tests.helpers import assert_unchanged, snapshot
 from tests.structured.zoo import check_equivalent, masked_copy, small_zoo
 
 transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 VOCAB = 50
 
@@ -53,8 +54,18 @@ def _t5_encoder() -> nn.Module:
     return transformers.T5EncoderModel(config)
 
 
+def _gpt2() -> nn.Module:
+    """transformers' Conv1D layers, q/k/v fused in one and split by ``split_size``."""
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=16, use_cache=False,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return transformers.GPT2Model(config)
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "bert": _bert,
+    "gpt2": _gpt2,
     "llama-gqa": _llama,
     "t5-encoder": _t5_encoder,
 }
@@ -90,7 +101,7 @@ def test_capture_leaves_the_model_unchanged(name: str) -> None:
     assert_unchanged(before, model)
     assert all(m.training for m in model.modules())
     linears = {n.target for n in graph.nodes if n.op == "call_module"}
-    assert linears >= {f for f, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linears >= {f for f, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
     assert all(shapes[n] is not None for n in graph.nodes if n.op == "call_module")
 
 
@@ -150,6 +161,18 @@ def test_llama_prunes_whole_key_value_groups() -> None:
         assert attn.k_proj.out_features == attn.v_proj.out_features == attn.head_dim
         assert attn.o_proj.in_features == attn.q_proj.out_features
     assert model.layers[0].mlp.gate_proj.out_features == model.layers[0].mlp.up_proj.out_features
+
+
+def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_mlp_channels() -> None:
+    model, x = _build("gpt2")
+    prune(model, x, ratio=0.5).apply()
+    for block in model.h:
+        attn, mlp = block.attn, block.mlp
+        assert (attn.num_heads, attn.head_dim, attn.split_size) == (2, 16, 32)
+        assert attn.c_attn.weight.shape == (64, 96) and (attn.c_attn.nx, attn.c_attn.nf) == (64, 96)
+        assert attn.c_proj.weight.shape == (32, 64) and attn.c_proj.nx == 32
+        assert mlp.c_fc.nf == mlp.c_proj.nx == mlp.c_proj.weight.shape[0] == 128
+    assert model.config.n_embd == model.h[1].mlp.c_proj.nf == 64
 
 
 def test_wrong_inputs_to_an_exported_model_name_both_captures() -> None:

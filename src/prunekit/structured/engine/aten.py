@@ -27,6 +27,7 @@ Call = tuple[str, Any, tuple[Any, ...], dict[str, Any]]
 _RENAMED: dict[Any, Any] = {
     aten.add: operator.add, aten.add_: operator.add, aten.sub: operator.sub,
     aten.mul: operator.mul, aten.mul_: operator.mul, aten.div: operator.truediv,
+    aten.pow: torch.pow,
     aten.where: torch.where, aten.maximum: torch.maximum, aten.minimum: torch.minimum,
     aten.relu: F.relu, aten.relu_: F.relu, aten.relu6: F.relu6, aten.gelu: F.gelu,
     aten.silu: F.silu, aten.silu_: F.silu, aten.elu: F.elu, aten.leaky_relu: F.leaky_relu,

@@ -23,7 +23,10 @@ from prunekit.structured.engine.channels.shapes import follow_reshape, follow_sp
 from prunekit.structured.engine.channels.state import Tracked
 from prunekit.structured.engine.layers.conv import tie_blocks
 
-__all__ = ["SIZES_FROM_EXPORT", "expand", "matmul", "repeat_interleave", "reshape", "sdpa"]
+__all__ = [
+    "SIZES_FROM_EXPORT", "count_attrs", "expand", "matmul", "repeat_interleave", "reshape",
+    "sdpa",
+]  # fmt: skip
 
 SIZES_FROM_EXPORT = "prunekit_sizes_from_export"
 """Node meta flag: the sizes of this call are numbers torch.export wrote down, whether the
@@ -31,7 +34,7 @@ model's code spelled them as literals or read them from shapes (it cannot tell).
 
 COUNT_ATTRS = (
     "num_heads", "heads", "n_heads", "n_head", "num_attention_heads", "num_key_value_heads",
-    "num_kv_heads", "n_kv_heads", "all_head_size", "inner_dim",
+    "num_kv_heads", "n_kv_heads", "all_head_size", "inner_dim", "split_size",
 )  # fmt: skip
 
 
@@ -60,13 +63,13 @@ def _sizes_ok(
     size = sizes[dim] if dim < len(sizes) else None
     if not isinstance(size, int) or isinstance(size, bool) or size == -1:
         return True
-    found = _count_attrs(node, ctx, [(size, ids)])
+    found = count_attrs(node, ctx, [(size, ids)])
     if not node.meta.get("nn_module_stack"):
         return False
     return found or (node.meta.get(SIZES_FROM_EXPORT, False) and not splits)
 
 
-def _count_attrs(node: fx.Node, ctx: Propagation, counts: list[tuple[int, np.ndarray]]) -> bool:
+def count_attrs(node: fx.Node, ctx: Propagation, counts: list[tuple[int, np.ndarray]]) -> bool:
     """Record the calling module's count attributes (``num_heads``, ``all_head_size``...)
     that equal one of ``counts``, so that applying the plan updates them; ``True`` if any."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -100,7 +103,7 @@ def reshape(node: fx.Node, ctx: Propagation) -> Any:
     if not _sizes_ok(node, ctx, dim, anchors, splits=True):
         return unknown(node, ctx)
     tie_blocks(ctx, heads, state.ids)
-    _count_attrs(node, ctx, [(heads, anchors), (state.ids.size, state.ids)])
+    count_attrs(node, ctx, [(heads, anchors), (state.ids.size, state.ids)])
     return Tracked(dim, anchors)
 
 

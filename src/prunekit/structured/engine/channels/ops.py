@@ -99,9 +99,11 @@ def _cat(node: fx.Node, ctx: Propagation) -> Any:
 
 
 def _split(node: fx.Node, ctx: Propagation) -> Any:
-    """split/chunk along the channels: one slice of the ids per output. ``split`` sizes
-    are constants in the code, so its channels are frozen; ``chunk`` parts must stay
-    equal, so channel j of every part is one coupled channel (e.g. SwiGLU gate/up)."""
+    """split/chunk along the channels: one slice of the ids per output. ``chunk`` parts
+    must stay equal, so channel j of every part is one coupled channel (e.g. SwiGLU
+    gate/up); so are equal ``split`` parts whose size a known attribute of the calling
+    module holds (GPT-2's fused q/k/v, ``split(self.split_size)``), and the attribute
+    follows. Other ``split`` sizes are constants in the code: their channels are frozen."""
     state = ctx.state(node.args[0])
     if not isinstance(state, Tracked):
         return None
@@ -110,14 +112,15 @@ def _split(node: fx.Node, ctx: Propagation) -> Any:
     outs = ctx.shape(node)
     if dim != state.dim:
         return tuple(Tracked(state.dim, state.ids) for _ in outs)
-    is_chunk = node.target in (torch.chunk, "chunk")
-    if not is_chunk or len({s[dim] for s in outs}) != 1:
-        ctx.freeze(state)
     bounds = np.cumsum([0] + [s[dim] for s in outs])
     parts = [state.ids[a:b] for a, b in itertools.pairwise(bounds)]
-    for part in parts[1:]:
-        if is_chunk and part.size == parts[0].size:
+    equal = len({p.size for p in parts}) == 1
+    is_chunk = node.target in (torch.chunk, "chunk")
+    if equal and (is_chunk or heads.count_attrs(node, ctx, [(parts[0].size, parts[0])])):
+        for part in parts[1:]:
             ctx.union(parts[0], part)
+    else:
+        ctx.freeze(state)
     return tuple(Tracked(dim, p) for p in parts)
 
 
@@ -211,10 +214,12 @@ _BINARY_FUNCS = (
     operator.isub,
     operator.truediv,
     operator.itruediv,
+    operator.pow,
     torch.add,
     torch.mul,
     torch.sub,
     torch.div,
+    torch.pow,
     torch.where,
     torch.maximum,
     torch.minimum,
@@ -294,6 +299,8 @@ _METHODS: dict[str, Handler] = {
             "__mul__",
             "__radd__",
             "__rmul__",
+            "pow",
+            "__pow__",
         ),
         _elementwise,
     ),

@@ -21,12 +21,16 @@ __all__ = ["LayerPruner", "ShapeOf", "layer_pruner", "register_layer"]
 ShapeOf = Callable[[str], tuple[int, ...]]
 
 _REGISTRY: dict[type[nn.Module], LayerPruner] = {}
+_LAZY: list[tuple[Callable[[], type[nn.Module] | None], LayerPruner]] = []
 
 
 class LayerPruner(ABC):
-    """Channel semantics of one layer type (e.g. ``nn.Conv2d``)."""
+    """Channel semantics of one layer type (e.g. ``nn.Conv2d``). ``lazy_types`` find
+    types of libraries prunekit does not import (transformers' ``Conv1D``): each is
+    registered once its library has been loaded."""
 
     types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    lazy_types: ClassVar[tuple[Callable[[], type[nn.Module] | None], ...]] = ()
 
     @abstractmethod
     def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
@@ -47,10 +51,15 @@ def register_layer(cls: type[LayerPruner]) -> type[LayerPruner]:
     instance = cls()
     for t in cls.types:
         _REGISTRY[t] = instance
+    _LAZY.extend((find, instance) for find in cls.lazy_types)
     return cls
 
 
 def layer_pruner(module: nn.Module) -> LayerPruner | None:
+    for find, instance in _LAZY:
+        found = find()
+        if found is not None:
+            _REGISTRY.setdefault(found, instance)
     for t in type(module).__mro__:
         if t in _REGISTRY:
             return _REGISTRY[t]

@@ -10,7 +10,6 @@ from torch import nn
 
 import prunekit
 from prunekit.errors import ConfigError
-from prunekit.linear_like import in_features, is_conv1d, is_linear_like, out_in
 from tests.helpers import assert_unchanged, linearized, snapshot
 
 transformers = pytest.importorskip("transformers")
@@ -40,16 +39,6 @@ def test_the_twin_computes_what_gpt2_computes():
     assert not any(isinstance(m, Conv1D) for m in twin.modules())
     with torch.no_grad():
         torch.testing.assert_close(twin(**batches()[1]).logits, model(**batches()[1]).logits)
-
-
-def test_conv1d_is_a_linear_like_layer_seen_as_out_by_in():
-    layer = Conv1D(nf=6, nx=4)
-    assert is_conv1d(layer) and is_linear_like(layer) and in_features(layer) == 4
-    assert out_in(layer, layer.weight).shape == (6, 4)
-    linear = nn.Linear(4, 6)
-    assert not is_conv1d(linear) and is_linear_like(linear) and in_features(linear) == 4
-    assert out_in(linear, linear.weight) is linear.weight
-    assert not is_linear_like(nn.Conv1d(4, 6, 1))
 
 
 CASES = [
@@ -108,20 +97,3 @@ def test_a_calibrated_sparsifier_prepares_conv1d_layers_by_default():
     assert {"transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight",
             "lm_head.weight"} <= prepared
     assert len(prepared) == 2 * 4 + 1
-
-
-def test_conv1d_is_recognised_without_importing_transformers():
-    """``import prunekit`` leaves transformers unloaded (the default install has no
-    ``[llm]`` extra); no model can then hold a Conv1D, and none is looked for."""
-    import subprocess
-    import sys
-
-    script = ("import sys, torch, prunekit\n"
-              "from prunekit.linear_like import conv1d_class, is_linear_like\n"
-              "assert 'transformers' not in sys.modules\n"
-              "assert conv1d_class() is None and is_linear_like(torch.nn.Linear(2, 2))\n"
-              "assert not is_linear_like(torch.nn.Conv1d(2, 2, 1))\n"
-              "assert 'transformers' not in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr

@@ -111,23 +111,30 @@ def _speed_rows(
     return rows
 
 
-class _HFBert(nn.Module):
-    """A small ``transformers`` BertModel returning its last hidden state (a tensor, so
-    that every library's output check applies); captured by prunekit through
-    torch.export, as torch.fx cannot trace it."""
+class _HFModel(nn.Module):
+    """A small ``transformers`` model returning its last hidden state (a tensor, so that
+    every library's output check applies); captured by prunekit through torch.export, as
+    torch.fx cannot trace it."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         super().__init__()
         import transformers
 
-        config = transformers.BertConfig(
-            vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128, max_position_embeddings=32,
-        )  # fmt: skip
-        self.bert = transformers.BertModel(config)
+        if kind == "bert":
+            config = transformers.BertConfig(
+                vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=32,
+            )  # fmt: skip
+            self.model = transformers.BertModel(config)
+        else:  # GPT-2: transformers' Conv1D layers, q/k/v fused and split by split_size
+            config = transformers.GPT2Config(
+                vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                use_cache=False, bos_token_id=None, eos_token_id=None,
+            )  # fmt: skip
+            self.model = transformers.GPT2Model(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.bert(input_ids).last_hidden_state
+        return self.model(input_ids).last_hidden_state
 
 
 def _coverage_zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor]]]:
@@ -136,7 +143,10 @@ def _coverage_zoo() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tor
         import transformers  # noqa: F401
     except ImportError:  # the llm/test extras are not installed
         return zoo
-    zoo["bert (transformers)"] = (_HFBert, lambda: torch.randint(0, 100, (2, 16)))
+    for kind in ("bert", "gpt2"):
+        zoo[f"{kind} (transformers)"] = (
+            lambda kind=kind: _HFModel(kind), lambda: torch.randint(0, 100, (2, 16))
+        )
     return zoo
 
 

@@ -27,8 +27,9 @@ class AdmmSparsifier(HessianSparsifier):
 
     ``percdamp`` damps each input by that fraction of its own Hessian diagonal;
     ``iters`` ADMM iterations (the mask settles in the first half), each a Cholesky
-    inverse of the ``in x in`` Hessian and one matrix product of the layer's size, in
-    one working matrix besides the Hessian.
+    factorisation of the ``in x in`` Hessian and a ridge step of the layer's size (two
+    triangular solves, or the inverse and one product), in one working matrix besides
+    the Hessian.
 
     >>> import torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 4))

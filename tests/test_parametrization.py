@@ -82,3 +82,23 @@ def test_deepcopy_drops_the_fast_path_key():
     x = torch.randn(2, 8)
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
+
+
+def test_deepcopy_model_lets_the_copy_lose_or_gain_masks_without_touching_the_original():
+    """torch's deepcopy shares the ``Parametrized<Type>`` class, which
+    ``remove_parametrizations`` and ``register_parametrization`` edit."""
+    from prunekit.parametrization import deepcopy_model
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    parametrize.register_parametrization(model[0], "weight", FakeSparsity(torch.rand(3, 4) > 0.5))
+    x = torch.randn(2, 4)
+    expected = model(x)
+    copied = deepcopy_model(model)
+    parametrize.register_parametrization(copied[0], "bias", FakeSparsity(torch.zeros(3) > 0))
+    parametrize.remove_parametrizations(copied[0], "weight", leave_parametrized=True)
+    parametrize.remove_parametrizations(copied[0], "bias", leave_parametrized=True)
+    assert type(copied[0]) is nn.Linear and torch.allclose(copied(x), expected - model[0].bias)
+    assert parametrize.type_before_parametrizations(model[0]) is nn.Linear
+    assert not parametrize.is_parametrized(model[0], "bias")
+    assert model[0].bias.shape == (3,)  # the copy's bias property is its own
+    assert torch.equal(model(x), expected)

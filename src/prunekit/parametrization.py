@@ -10,6 +10,7 @@ the multiply, so the result is always ``mask * original``.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -19,7 +20,24 @@ from torch.nn.utils import parametrize
 from prunekit._cpu_masks import zero_masked_
 from prunekit.errors import ConfigError
 
-__all__ = ["FakeSparsity", "is_dtensor", "module_contains_param", "original_tensor"]
+__all__ = [
+    "FakeSparsity", "deepcopy_model", "is_dtensor", "module_contains_param", "original_tensor",
+]  # fmt: skip
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` whose parametrized modules get classes of their own.
+
+    torch's copy shares the ``Parametrized<Type>`` class it made for the original, and
+    ``remove_parametrizations`` (or ``register_parametrization``) edits that class: a
+    mask removed from the copy would take the original's ``weight`` property with it."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            shared = type(module)
+            own = {k: v for k, v in vars(shared).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(shared.__name__, shared.__bases__, own)
+    return copied
 
 
 def original_tensor(module: nn.Module, tensor_name: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import prunekit
 from prunekit.deploy import (
@@ -21,6 +22,7 @@ from prunekit.deploy import (
     to_sparse,
 )
 from prunekit.errors import ConfigError
+from prunekit.parametrization import FakeSparsity
 from tests.deploy._models import block_sparse
 from tests.helpers import assert_unchanged, linearized, snapshot
 
@@ -161,3 +163,30 @@ def test_sparse_quantize_treats_gpt2_as_its_linear_twin(dynamic):
     assert torch.equal(logits(quantized), expected)  # int8 error itself: test_deploy_quantized
     kind = QnnpackSparseDynamicLinear if dynamic else FbgemmSparseQuantizedLinear
     assert sum(isinstance(m, kind) for m in quantized.modules()) == 9  # and lm_head
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch 2.13 deprecates its int8 modules
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_mask_still_attached_to_a_conv1d_is_read_through():
+    layer = conv1d()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 16))  # dense: only the mask makes zeros
+    mask = block_sparse(32, 16, (4, 4), 0.7, seed=9) != 0
+    parametrize.register_parametrization(layer, "weight", FakeSparsity(mask))
+    model = nn.Sequential(layer)
+    x = torch.randn(5, 32)
+    deployed = to_sparse(model, layout="bsr")
+    torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-5)
+    assert deployed.deploy_report["0"].layout == "bsr4x4"
+    quantized = sparse_quantize(model)
+    expected = sparse_quantize(linearized(nn.Sequential(conv1d_of(model[0]))))
+    assert torch.equal(quantized(x), expected(x))
+
+
+def conv1d_of(masked: nn.Module) -> Conv1D:
+    """A plain Conv1D holding ``masked``'s masked weight."""
+    plain = Conv1D(nf=masked.nf, nx=masked.nx)
+    with torch.no_grad():
+        plain.weight.copy_(masked.weight)
+        plain.bias.copy_(masked.bias)
+    return plain

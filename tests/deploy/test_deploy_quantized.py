@@ -113,9 +113,13 @@ def test_masks_still_attached_are_squashed_first():
     sparsifier = prunekit.WeightNormSparsifier(sparsity_level=0.8)
     sparsifier.prepare(model, None)
     sparsifier.step()
+    before, output = snapshot(model), model(X)
     q = sparse_quantize(model)
     zeros = (q[0].weight().dequantize() == 0).float().mean().item()
     assert zeros >= 0.8
+    assert_unchanged(before, model)  # the copy was squashed; the model keeps its masks
+    assert torch.equal(model(X), output)
+    sparsifier.squash_mask()
 
 
 @pytest.mark.parametrize("dynamic", [True, False])

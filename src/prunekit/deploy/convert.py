@@ -3,7 +3,6 @@ modules."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -17,6 +16,7 @@ from prunekit.deploy.modules import SparseConv1D, SparseConv1x1, SparseLinear, i
 from prunekit.deploy.report import DeployReport, LayerChoice
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.linear_like import is_conv1d
+from prunekit.parametrization import deepcopy_model
 
 __all__ = ["to_sparse"]
 
@@ -259,7 +259,7 @@ def to_sparse(
     {'0': 'csr'}
     """
     _check_args(layout, example_inputs, margin)
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else deepcopy_model(model)
     found = _targets(work, modules)
     order = list(found)
     targets, report = _with_zeros(found, explicit=modules is not None)

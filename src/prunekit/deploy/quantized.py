@@ -9,7 +9,6 @@ none, and returns modules that run whatever the global engine is.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +38,7 @@ from prunekit.deploy.quantized_modules import (
 )
 from prunekit.errors import ConfigError, ConfigTypeError
 from prunekit.linear_like import is_conv1d, out_in
+from prunekit.parametrization import deepcopy_model
 from prunekit.swap import register_swap_handler
 
 __all__ = ["SparseQuantizedIsland", "sparse_quantize"]
@@ -222,7 +222,7 @@ def sparse_quantize(
     check_engine(engine, f"sparse_quantize(dynamic={dynamic})")
     batches = _check_calibration(calibration_batches, dynamic)
     _targets(model)  # fail on a bad layer before paying for the copy
-    work = copy.deepcopy(model)
+    work = deepcopy_model(model)  # the copy loses its masks; the model keeps its own
     targets = {fqn: _squash(m) for fqn, m in _targets(work).items()}
     for fqn, module in targets.items():
         _set(work, fqn, module)  # a Conv1D's Linear replaces it

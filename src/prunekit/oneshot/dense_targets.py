@@ -27,7 +27,6 @@ statistic per stage.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from torch import nn
 
 from prunekit.errors import UnsupportedError
 from prunekit.linear_like import out_in
-from prunekit.parametrization import original_tensor
+from prunekit.parametrization import deepcopy_model, original_tensor
 from prunekit.sparsifier.oneshot_math import damped_cholesky
 
 if TYPE_CHECKING:
@@ -84,7 +83,7 @@ class DenseStream:
         self.prefix = ""
 
     def begin(self, fqn: str, block: nn.Module) -> None:
-        self.block, self.prefix = copy.deepcopy(block), f"{fqn}." if fqn else ""
+        self.block, self.prefix = deepcopy_model(block), f"{fqn}." if fqn else ""
 
     def _twin(self, name: str) -> nn.Module:
         """The dense copy's module at the pruned block's ``name`` (the block itself when

@@ -28,7 +28,12 @@ from prunekit.errors import (
     StateError,
 )
 from prunekit.fqn import module_to_fqn, resolve_tensor_fqn
-from prunekit.parametrization import FakeSparsity, module_contains_param, original_tensor
+from prunekit.parametrization import (
+    FakeSparsity,
+    deepcopy_model,
+    module_contains_param,
+    original_tensor,
+)
 from prunekit.sparsifier._fsdp import remove_mask, sharded_homes
 from prunekit.sparsifier._loading import (
     groups_to_load,
@@ -339,7 +344,7 @@ class BaseSparsifier(abc.ABC):
         if mapping is None:
             raise NotImplementedError("Need to auto generate mapping")
         if not inplace:
-            module = copy.deepcopy(module)
+            module = deepcopy_model(module)
         swaps = list(self._swaps(module, mapping, parameterization))
         replaced = [(parent, name, swap_module(child, mapping)) for parent, name, child in swaps]
         for parent, name, new_child in replaced:

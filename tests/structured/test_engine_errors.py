@@ -157,3 +157,17 @@ def test_an_ignored_untraceable_submodule_becomes_an_opaque_leaf() -> None:
         prune(model, torch.randn(2, 4))
     check_equivalent(model, torch.randn(2, 4), ratio=0.5, ignored_layers=["inner"])
     assert (model.a.out_features, model.inner.fc.in_features, model.b.out_features) == (4, 4, 4)
+
+
+def test_a_tied_tensor_cut_two_ways_is_refused_before_anything_changes() -> None:
+    from prunekit.structured.engine.apply import Slice, apply_slices
+
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model[1].weight = model[0].weight
+    before = snapshot(model)
+    cuts = [Slice("0", "weight", 0, 4, (0, 1)), Slice("1", "weight", 0, 4, (2, 3))]
+    with pytest.raises(StateError, match=r"1.weight cuts a tensor it shares .* differently"):
+        apply_slices(model, cuts)
+    assert_unchanged(before, model)
+    apply_slices(model, [Slice("0", "weight", 0, 4, (0, 1))])  # the other name follows
+    assert model[1].weight is model[0].weight and model[0].weight.shape == (2, 4)

@@ -175,6 +175,28 @@ def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_mlp_channels() -> None:
     assert model.config.n_embd == model.h[1].mlp.c_proj.nf == 64
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gpt2_with_its_lm_head_loses_hidden_width_and_reports_its_layernorms(
+    attention: str,
+) -> None:
+    """The logits are the output, so the hidden width is free; it is tied to wte."""
+    torch.manual_seed(0)
+    config = _gpt2().config
+    config._attn_implementation = attention
+    model, x = transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, VOCAB, (2, 6))
+    plan = prune(model, x, ratio=0.5)
+    assert "transformer.ln_f" in plan.inexact
+    masked = masked_copy(model, plan)
+    with torch.no_grad():
+        expected = masked(x).logits
+        plan.apply()
+        _assert_close([model(x).logits], [expected], rtol=1e-5)
+    hidden = model.transformer.wte.embedding_dim
+    assert hidden == model.lm_head.in_features == model.transformer.h[0].attn.c_attn.nx < 64
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied, cut once
+    assert sum(p.numel() for p in model.parameters()) == plan.totals["params_after"]
+
+
 def test_wrong_inputs_to_an_exported_model_name_both_captures() -> None:
     model, _ = _build("bert")
     before = snapshot(model)

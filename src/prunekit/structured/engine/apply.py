@@ -83,7 +83,7 @@ def apply_slices(
     for s in slices:
         _tensor(model, s)
         by_tensor[(s.owner, s.name)].append(s)
-    new = {key: _sliced(_tensor(model, ss[0]), ss) for key, ss in by_tensor.items()}
+    new = _shrunk_tensors(model, by_tensor)
     owners = {owner: model.get_submodule(owner) for owner, _ in new}
     for (owner, name), tensor in new.items():
         setattr(owners[owner], name, tensor)
@@ -93,3 +93,33 @@ def apply_slices(
             pruner.resize(module)
     for change in attrs:
         setattr(model.get_submodule(change.owner), change.name, change.new)
+
+
+def _shrunk_tensors(
+    model: nn.Module, by_tensor: dict[tuple[str, str], list[Slice]]
+) -> dict[tuple[str, str], torch.Tensor]:
+    """The shrunk tensor of every ``(owner, name)`` in the plan, and of every other name
+    holding the same tensor: a tensor two modules share (tied embeddings) is cut once,
+    must be cut alike through either name, and stays shared."""
+    made: dict[int, tuple[list[tuple[int, tuple[int, ...]]], torch.Tensor]] = {}
+    shrunk: dict[tuple[str, str], torch.Tensor] = {}
+    for (owner, name), ss in by_tensor.items():
+        tensor = _tensor(model, ss[0])
+        cuts = sorted((s.dim, s.keep) for s in ss)
+        if id(tensor) not in made:
+            made[id(tensor)] = (cuts, _sliced(tensor, ss))
+        elif made[id(tensor)][0] != cuts:
+            raise StateError(
+                f"plan entry {owner}.{name} cuts a tensor it shares with another entry "
+                "differently; a tied tensor must lose the same channels everywhere"
+            )
+        shrunk[(owner, name)] = made[id(tensor)][1]
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for fqn, tensor in named:
+        if id(tensor) in made:
+            owner, _, name = fqn.rpartition(".")
+            shrunk.setdefault((owner, name), made[id(tensor)][1])
+    return shrunk

@@ -78,14 +78,24 @@ def _check_linear(module: nn.Module, where: str) -> None:
         )
 
 
+def _as_linear(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A plain ``nn.Linear`` in ``dtype`` computing what ``module`` (a Linear, or a
+    Conv1D) computes with its (masked) weight, ``sparse_params`` kept."""
+    weight = out_in(module, module.weight.detach())
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
+                      dtype=dtype)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if module.bias is not None:
+            plain.bias.copy_(module.bias.detach())
+    plain.sparse_params = dict(getattr(module, "sparse_params", {}))
+    return plain
+
+
 def _plain_linear(module: nn.Module) -> nn.Linear:
     """A plain float ``nn.Linear`` holding ``module``'s (masked) weight: squash, kept apart."""
-    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    with torch.no_grad():
-        plain.weight.copy_(module.weight.detach().float())
-        if module.bias is not None:
-            plain.bias.copy_(module.bias.detach().float())
-    plain.sparse_params = {**getattr(module, "sparse_params", {}), "sparse_block_shape": BLOCK}
+    plain = _as_linear(module, torch.float32)
+    plain.sparse_params["sparse_block_shape"] = BLOCK
     return plain
 
 
@@ -143,21 +153,9 @@ def _squash(module: nn.Module) -> nn.Module:
     if parametrize.is_parametrized(module, "weight"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     if is_conv1d(module):
-        module = _linear_of_conv1d(module)
+        module = _as_linear(module, module.weight.dtype)
     module.sparse_params = {**getattr(module, "sparse_params", {}), "sparse_block_shape": BLOCK}
     return module
-
-
-def _linear_of_conv1d(conv1d: nn.Module) -> nn.Linear:
-    weight = out_in(conv1d, conv1d.weight.detach())
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=conv1d.bias is not None,
-                       dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if conv1d.bias is not None:
-            linear.bias.copy_(conv1d.bias)
-    linear.sparse_params = dict(getattr(conv1d, "sparse_params", {}))
-    return linear
 
 
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:

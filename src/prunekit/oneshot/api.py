@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import statistics
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -11,10 +13,12 @@ from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module
-from prunekit.linear_like import in_features, is_conv1d
-from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
+from prunekit.linear_like import LAYER_KINDS, in_features, is_conv1d
+from prunekit.oneshot.blocks import Blocks, resolve_blocks, resolve_layers
 from prunekit.oneshot.dense_targets import DenseStream
 from prunekit.oneshot.engine import capture_inputs, inference_context, run_sequential
+from prunekit.oneshot.experts import expand_parallel, unfused_experts
+from prunekit.parametrization import original_tensor
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.admm import AdmmSparsifier
 from prunekit.sparsifier.calibrated import CalibratedSparsifier, Pattern, parse_pattern
@@ -49,7 +53,8 @@ def _entries(
     if overrides is not None and not isinstance(overrides, Mapping):
         raise ConfigTypeError(f"overrides must map layer fqns to a sparsity or 'N:M', got "
                               f"{type(overrides).__name__}")
-    overrides = dict(overrides or {})
+    overrides = {layer: value for name, value in dict(overrides or {}).items()
+                 for layer in expand_parallel(model, [name])}
     unknown = sorted(set(overrides) - set(layers))
     if unknown:
         raise FqnError(f"overrides: {unknown} are not pruned layers; expected some of "
@@ -192,27 +197,52 @@ def oneshot(
         raise ConfigError(f"oneshot: method must be one of {METHODS}, got {method!r}")
     target = _target(f"oneshot(method={method!r})", sparsity, pattern)
     sparsifier = _sparsifier(method, target, blocksize, percdamp, exact_update)
-    stack = resolve_blocks(model, blocks)
-    per_block = resolve_layers(model, stack, layers)
-    entries = _entries(model, [n for names in per_block.values() for n in names], target, overrides)
-    batches = _check_batches(model, calibration_batches, method)
     if not isinstance(dense_targets, bool):
         raise ConfigTypeError(f"oneshot: dense_targets must be a bool, got {dense_targets!r}")
     if dense_targets and sparsifier is None:
         raise ConfigError("oneshot: dense_targets=True fits layers to calibration data; "
                           "method='magnitude' uses none")
-    if sparsifier is None:
-        _magnitude(model, entries)
-    else:
-        configs = {block: [{"tensor_fqn": f"{layer}.weight", "sparsity_level": entries[layer][0],
-                            "pattern": entries[layer][1]} for layer in names]
-                   for block, names in per_block.items()}
-        sparsifier.check_config(model, [entry for config in configs.values() for entry in config])
-        with inference_context(model):
-            inputs = capture_inputs(model, stack, batches)
-            dense = DenseStream(inputs, percdamp) if dense_targets else None
-            run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
-    return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
+    with unfused_experts(model):
+        stack = resolve_blocks(model, blocks)
+        per_block = resolve_layers(model, stack, layers)
+        entries = _entries(model, [n for names in per_block.values() for n in names], target,
+                           overrides)
+        batches = _check_batches(model, calibration_batches, method)
+        if layers is None:
+            _warn_unpruned(model, stack, per_block)
+        if sparsifier is None:
+            _magnitude(model, entries)
+        else:
+            configs = {block: [{"tensor_fqn": f"{layer}.weight",
+                                "sparsity_level": entries[layer][0],
+                                "pattern": entries[layer][1]} for layer in names]
+                       for block, names in per_block.items()}
+            sparsifier.check_config(model, [e for config in configs.values() for e in config])
+            with inference_context(model):
+                inputs = capture_inputs(model, stack, batches)
+                dense = DenseStream(inputs, percdamp) if dense_targets else None
+                run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
+        return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
+
+
+def _warn_unpruned(model: nn.Module, stack: Blocks, per_block: dict[str, list[str]]) -> None:
+    """Warn of weight matrices in the blocks, as large as the median pruned layer's,
+    that no pruned layer holds: experts of a kind this release cannot unfuse (Llama
+    4's), or layers of other types, which would otherwise stay dense unannounced.
+    Routers, far smaller, stay dense without a word."""
+    pruned = [original_tensor(fqn_to_module(model, n), "weight")
+              for names in per_block.values() for n in names]
+    if not pruned:
+        return
+    held, typical = {id(t) for t in pruned}, statistics.median_low(t.numel() for t in pruned)
+    missed = [f"{fqn}.{name}".lstrip(".") + f" {tuple(p.shape)}" for fqn, block in stack
+              for name, p in block.named_parameters()
+              if p.dim() >= 2 and id(p) not in held and p.numel() >= typical]
+    if missed:
+        warnings.warn(
+            f"oneshot: {len(missed)} weight tensor(s) in the blocks belong to no layer it "
+            f"prunes ({LAYER_KINDS}, or a transformers expert bank) and stay dense: "
+            f"{', '.join(missed[:4])}{', ...' if len(missed) > 4 else ''}", stacklevel=3)
 
 
 def _zeros(weight: torch.Tensor) -> float:

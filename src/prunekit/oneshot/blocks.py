@@ -16,6 +16,7 @@ from torch import nn
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module, resolve_tensor_fqn
 from prunekit.linear_like import LAYER_KINDS, is_linear_like
+from prunekit.oneshot.experts import expand_parallel
 
 __all__ = ["find_decoder_stack", "resolve_blocks", "resolve_layers"]
 
@@ -109,7 +110,7 @@ def resolve_layers(
     if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
         raise ConfigTypeError(f"layers must be a list of module fqns, got {layers!r}")
     found: dict[str, list[str]] = {fqn: [] for fqn, _ in blocks}
-    for name in layers:
+    for name in expand_parallel(model, layers):
         module = resolve_tensor_fqn(model, f"{name}.weight")["module"]
         if not is_linear_like(module):
             raise ConfigError(f"layers: {name!r} is a {type(module).__name__}; expected "

@@ -17,6 +17,7 @@ import copy
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from prunekit._glibc import glibc_function
 from prunekit.errors import ConfigError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
+from prunekit.oneshot.experts import ParallelLayers
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = [
@@ -297,13 +299,33 @@ def _hidden(output: Any, fqn: str) -> torch.Tensor:
     return hidden
 
 
-def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput) -> list[list[str]]:
+@dataclass
+class Stage:
+    """Layers calibrated on the same forwards and pruned together: none reads what
+    another computes. ``shared``: they read one input tensor, whose statistic is
+    computed once; ``ordered``: the forward calls them once each, in this order, so
+    forwards can end at the last one's input (else they run through)."""
+
+    names: list[str]
+    shared: bool
+    ordered: bool = True
+
+
+def _parallel_groups(block: nn.Module) -> dict[int, int]:
+    """``id(layer) -> id(its ParallelLayers)`` for the block's parallel layers."""
+    return {id(layer): id(group) for group in block.modules()
+            if isinstance(group, ParallelLayers) for layer in group}
+
+
+def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput) -> list[Stage]:
     """The block's layers in the order the forward calls them, grouped into stages of
     consecutive layers that read the very same input tensor (q/k/v, then o_proj, then
-    gate/up, then down_proj in a Llama block). Found by one forward on one batch.
+    gate/up, then down_proj in a Llama block) or belong to one ``ParallelLayers`` (the
+    up projections of a bank's experts). Found by one forward on one batch.
 
     A layer called twice per forward puts all layers in one stage (calibrated together
-    on full forwards), as does a block whose layers are not all reached."""
+    on full forwards, each layer on its own statistic), as does a block whose layers are
+    not all reached, or all read one input."""
     calls: list[tuple[str, Any]] = []  # the inputs themselves, so identity is safe
     handles = [
         module.register_forward_pre_hook(
@@ -316,15 +338,22 @@ def _stages(block: nn.Module, modules: dict[str, nn.Module], record: BlockInput)
         for handle in handles:
             handle.remove()
     names = [name for name, _ in calls]
+    whole = [Stage(list(modules), shared=False, ordered=False)]
     if len(set(names)) != len(names) or set(names) != set(modules):
-        return [list(modules)]
-    stages: list[list[str]] = []
+        return whole
+    groups = _parallel_groups(block)
+    stages: list[Stage] = []
     for i, (name, source) in enumerate(calls):
-        if i and source is not None and source is calls[i - 1][1]:
-            stages[-1].append(name)
+        before, before_source = calls[i - 1] if i else (None, None)
+        group = groups.get(id(modules[name]))
+        if source is not None and source is before_source:
+            stages[-1].names.append(name)
+        elif group is not None and before and group == groups.get(id(modules[before])):
+            stages[-1].names.append(name)
+            stages[-1].shared = False
         else:
-            stages.append([name])
-    return stages
+            stages.append(Stage([name], shared=True))
+    return stages if len(stages) > 1 else whole
 
 
 _STOPPED = object()  # what forward_until returns for a forward it ended early
@@ -353,29 +382,32 @@ def _hidden_until(
 def _calibrate_stage(
     sparsifier: CalibratedSparsifier,
     block: nn.Module,
-    stage: dict[str, nn.Module],
-    shared_input: bool,
+    stage: Stage,
+    modules: dict[str, nn.Module],
     inputs: list[BlockInput],
     dense: DenseStream | None,
 ) -> None:
-    """Collect the statistics of one stage. ``shared_input``: its layers read one input,
-    so only the first layer's statistic is computed (the others get the same tensor)
-    and forwards stop at the last layer's input; otherwise they are full forwards.
-    With ``dense``, the same forwards also refit the stage to dense targets; a stage of
-    one layer whose output joins a residual sum, to the dense value of that sum (see
-    ``DenseStream.refit``)."""
-    names = list(stage)
-    first = [f"{n}.weight" for n in (names[:1] if shared_input else names)]
-    sink = (residual_sink(block, stage[names[0]], inputs[0], _hidden_until)
-            if dense is not None and len(names) == 1 else None)
+    """Collect the statistics of one stage (``modules``: its layers by name). A shared
+    stage computes only the first layer's statistic (the others get the same tensor);
+    an ordered one ends its forwards at the last layer's input. With ``dense``, the
+    same forwards also refit the stage to dense targets; a stage of one layer whose
+    output joins a residual sum, to the dense value of that sum (see
+    ``DenseStream.refit``). A parallel stage (experts) is not refitted: each expert
+    sees other tokens in the dense model, so its inputs cannot be paired row by row."""
+    names = stage.names
+    first = [f"{n}.weight" for n in (names[:1] if stage.shared else names)]
+    refit = dense is not None and (stage.shared or not stage.ordered)
+    sink = (residual_sink(block, modules[names[0]], inputs[0], _hidden_until)
+            if refit and len(names) == 1 else None)
     with sparsifier.calibrate(first):
-        if dense is not None:
-            dense.refit(block, stage, shared_input, inputs, _hidden_until, sink)
+        if refit:
+            dense.refit(block, modules, stage.shared and stage.ordered, inputs, _hidden_until,
+                        sink)
         else:
-            stop_at = stage[names[-1]] if shared_input else None
+            stop_at = modules[names[-1]] if stage.ordered else None
             for record in inputs:
                 forward_until(block, record, stop_at)
-    if shared_input:
+    if stage.shared:
         sparsifier.share_statistic(first[0], [f"{n}.weight" for n in names[1:]])
 
 
@@ -418,19 +450,27 @@ def run_sequential(
     targets first."""
     bar = tqdm(blocks, desc=type(template).__name__, unit="block",
                disable=None if progress else True)
+    unreached: list[str] = []
     for index, (fqn, block) in enumerate(bar):
         release_free_heap()  # what the capture or the last block's forwards left behind
         start = time.perf_counter()
         if dense is not None:
             dense.begin(fqn, block)
         if configs[fqn]:
-            _prune_block(copy.deepcopy(template), model, block, configs[fqn], inputs, dense)
+            unreached += _prune_block(copy.deepcopy(template), model, block, configs[fqn],
+                                      inputs, dense)
         if index + 1 < len(blocks):
             _advance(block, inputs, fqn)
             if dense is not None:
                 _advance(dense.block, dense.inputs, fqn)
         log.debug("block %r: %d layers pruned in %.2fs", fqn, len(configs[fqn]),
                   time.perf_counter() - start)
+    if unreached:
+        warnings.warn(
+            f"oneshot: no calibration token reached {len(unreached)} layer(s) "
+            f"({', '.join(unreached[:4])}{', ...' if len(unreached) > 4 else ''}), experts "
+            "no token was routed to; they were pruned by weight magnitude. More calibration "
+            "data reaches more of them.", stacklevel=3)
 
 
 def _prune_block(
@@ -440,13 +480,20 @@ def _prune_block(
     config: list[dict[str, Any]],
     inputs: list[BlockInput],
     dense: DenseStream | None,
-) -> None:
-    """Prepare ``config`` (layers of ``block``), prune it stage by stage, squash."""
+) -> list[str]:
+    """Prepare ``config`` (layers of ``block``), prune it stage by stage, squash.
+    Returns the layers no calibration token reached (experts no token chose), which
+    were pruned as if their inputs were white: by weight magnitude."""
     sparsifier.prepare(model, config)
     by_name = {group["module_fqn"]: group["module"] for group in sparsifier.groups}
-    stages = _stages(block, by_name, inputs[0])
-    for stage in stages:
-        modules = {name: by_name[name] for name in stage}
-        _calibrate_stage(sparsifier, block, modules, len(stages) > 1, inputs, dense)
-        sparsifier.step(tensor_fqns=[f"{name}.weight" for name in stage])
+    unreached: list[str] = []
+    for stage in _stages(block, by_name, inputs[0]):
+        _calibrate_stage(sparsifier, block, stage, {n: by_name[n] for n in stage.names},
+                         inputs, dense)
+        fqns = [f"{name}.weight" for name in stage.names]
+        missed = sparsifier.uncalibrated(fqns)
+        sparsifier.assume_white_inputs(missed)
+        unreached += [fqn.removesuffix(".weight") for fqn in missed]
+        sparsifier.step(tensor_fqns=fqns)
     sparsifier.squash_mask()
+    return unreached

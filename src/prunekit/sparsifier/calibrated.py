@@ -93,6 +93,11 @@ class CalibratedSparsifier(BaseSparsifier):
     def accumulate(self, statistic: torch.Tensor, inputs: torch.Tensor) -> None:
         """Add a ``(tokens, in_features)`` float32 input batch to ``statistic`` in place."""
 
+    @abc.abstractmethod
+    def white_statistic(self, weight: torch.Tensor) -> torch.Tensor:
+        """The statistic of white inputs (uncorrelated, unit variance) for a layer with
+        this weight: what ranks its weights by magnitude alone."""
+
     def prepare_statistic(self, group: dict[str, Any], statistic: torch.Tensor) -> torch.Tensor:
         """What ``update_mask`` receives; runs for every layer before any changes, so it
         is where a layer raises (default: the statistic itself, if finite)."""
@@ -196,6 +201,22 @@ class CalibratedSparsifier(BaseSparsifier):
             x = x.detach().reshape(-1, x.shape[-1])
             self.accumulate(self._stats[fqn], x.to(self._stats[fqn].dtype))
         self._tokens[fqn] += x.shape[0]
+
+    def uncalibrated(self, tensor_fqns: Iterable[str]) -> list[str]:
+        """Those of ``tensor_fqns`` whose layers no calibration input has reached (an
+        expert no token was routed to, a branch the batches never took)."""
+        return [g["tensor_fqn"] for g in self._select(tensor_fqns, "uncalibrated")
+                if self._tokens.get(g["tensor_fqn"], 0) == 0]
+
+    def assume_white_inputs(self, tensor_fqns: Iterable[str]) -> None:
+        """Give ``tensor_fqns`` the statistic of white inputs, replacing what they
+        collected, so ``step`` prunes them by weight magnitude (and, for the methods
+        that update weights, leaves the kept ones as they are) rather than refusing a
+        layer calibration never reached."""
+        for group in self._select(tensor_fqns, "assume_white_inputs"):
+            weight = out_in(group["module"], self._original(group["module"], "weight"))
+            self._stats[group["tensor_fqn"]] = self.white_statistic(weight)
+            self._tokens[group["tensor_fqn"]] = 1
 
     def share_statistic(self, source: str, targets: Iterable[str]) -> None:
         """Give ``targets`` the statistic collected for ``source``: layers that read the

@@ -65,5 +65,8 @@ class HessianSparsifier(CalibratedSparsifier):
         n = weight.shape[1]
         return torch.zeros(n, n, dtype=torch.float32, device=weight.device)
 
+    def white_statistic(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
+
     def accumulate(self, statistic: torch.Tensor, inputs: torch.Tensor) -> None:
         statistic.addmm_(inputs.T, inputs)

@@ -36,6 +36,9 @@ class WandaSparsifier(CalibratedSparsifier):
     def new_statistic(self, weight: torch.Tensor) -> torch.Tensor:
         return torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
 
+    def white_statistic(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+
     def accumulate(self, statistic: torch.Tensor, inputs: torch.Tensor) -> None:
         statistic.add_(inputs.square().sum(0))
 

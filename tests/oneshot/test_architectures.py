@@ -50,20 +50,22 @@ def batches() -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def reference_wanda(model: nn.Module, data: list[dict[str, torch.Tensor]]) -> None:
-    """Layer by layer in forward order, each calibrated on whole-model forwards of the
-    model as pruned so far: slow, and right whatever the blocks are given."""
-    for fqn, block in resolve_blocks(model, "auto"):
-        for name, module in block.named_modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            sparsifier = WandaSparsifier()
-            sparsifier.prepare(model, [{"tensor_fqn": f"{fqn}.{name}.weight"}])
-            with sparsifier.calibrate(), torch.no_grad():
-                for batch in data:
-                    model(**batch)
-            sparsifier.step()
-            sparsifier.squash_mask()
+def reference_wanda(model: nn.Module, data: list[dict[str, torch.Tensor]],
+                    order: list[str] | None = None) -> None:
+    """Layer by layer in forward order (``order``: Linear fqns; default: as the blocks
+    register them), each calibrated on whole-model forwards of the model as pruned so
+    far: slow, and right whatever the blocks are given."""
+    if order is None:
+        order = [f"{fqn}.{name}" for fqn, block in resolve_blocks(model, "auto")
+                 for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+    for layer in order:
+        sparsifier = WandaSparsifier()
+        sparsifier.prepare(model, [{"tensor_fqn": f"{layer}.weight"}])
+        with sparsifier.calibrate(), torch.no_grad():
+            for batch in data:
+                model(**batch)
+        sparsifier.step()
+        sparsifier.squash_mask()
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import prunekit
-from prunekit.errors import FqnError
+from prunekit.errors import FqnError, UnsupportedError
 from prunekit.oneshot.blocks import resolve_blocks
 from prunekit.oneshot.engine import _stages, capture_inputs, inference_context
-from prunekit.oneshot.experts import ExpertLayers, is_expert_bank, unfused_experts
+from prunekit.oneshot.experts import ExpertLayers, is_expert_bank, unfused, unfused_experts
 from tests.oneshot.test_architectures import reference_wanda
 
 transformers = pytest.importorskip("transformers")
@@ -30,7 +30,11 @@ CONFIGS = {
     # transposed weights, biases, gate and up interleaved, its own gate function
     "gpt_oss": lambda: transformers.GptOssConfig(**COMMON, num_local_experts=4, head_dim=8,
                                                  num_experts_per_tok=2, sliding_window=4),
+    # no interface: every token goes to every expert, pre-scaled, zero where not chosen
+    "llama4": lambda: transformers.Llama4TextConfig(**COMMON, head_dim=8, num_local_experts=4,
+                                                    intermediate_size_mlp=64),
 }
+ROUNDING = {"gpt_oss": "adds its bias after the product", "llama4": "one bmm for all experts"}
 
 
 def moe(arch: str, experts_implementation: str | None = None) -> torch.nn.Module:
@@ -49,6 +53,22 @@ def batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": torch.randint(0, 96, (2, 16), generator=g)} for _ in range(n)]
 
 
+def call_order(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
+    """The Linear layers of the model's blocks in the order a forward first calls them
+    (Llama 4 builds its experts before its router, and calls the router first)."""
+    order: list[str] = []
+    blocks = tuple(f"{fqn}." for fqn, _ in resolve_blocks(model, "auto"))
+    handles = [m.register_forward_pre_hook(lambda *_, n=n: order.append(n) if n not in order
+                                           else None)
+               for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+    with torch.no_grad():
+        model(**batch)
+    for handle in handles:
+        handle.remove()
+    return order
+
+
 def banks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if is_expert_bank(m)}
 
@@ -63,8 +83,8 @@ def test_unfused_experts_compute_what_the_bank_computes_and_leave_it_as_it_was(a
         with unfused_experts(model) as swapped:
             assert len(swapped) == 2 and not banks(model)
             got = model(**ids).logits
-    # transformers' own loop, exactly; GPT-OSS's adds its bias after the product: rounding
-    tolerance = 1e-6 if arch == "gpt_oss" else 0.0
+    # transformers' own loop, exactly; up to rounding where it computes otherwise
+    tolerance = 1e-6 if arch in ROUNDING else 0.0
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
     assert len(banks(model)) == 2
     after = model.state_dict()
@@ -112,20 +132,21 @@ def test_a_block_calibrates_all_experts_of_a_projection_in_one_stage():
     assert [s.shared for s in stages] == [True, True, False, False]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss", "llama4"])
 def test_every_expert_is_pruned_as_the_layer_by_layer_reference_prunes_it(arch):
     model, data = moe(arch), batches()
     ours = copy.deepcopy(model)
     achieved = prunekit.oneshot(ours, data, "wanda", progress=False)
-    assert achieved["model.layers.1.mlp.experts.down_proj.3"] == 0.5
+    mlp = "feed_forward" if arch == "llama4" else "mlp"
+    assert achieved[f"model.layers.1.{mlp}.experts.down_proj.3"] == 0.5
     with unfused_experts(model):
-        reference_wanda(model, data)
+        reference_wanda(model, data, call_order(model, data[0]))
     for (name, got), want in zip(ours.named_parameters(), model.parameters(), strict=True):
         assert torch.equal(got == 0, want == 0), name
-    for bank in banks(ours).values():
-        for weight in (bank.gate_up_proj, bank.down_proj):
-            rows = weight.transpose(1, 2) if bank.is_transposed else weight
-            assert ((rows == 0).sum(-1) == rows.shape[-1] // 2).all()  # half of every row
+    with unfused_experts(ours) as swapped:
+        for layers in swapped.values():
+            for layer in [*layers.ups, *layers.down_proj]:  # half of every output row
+                assert ((layer.weight == 0).sum(-1) == layer.in_features // 2).all()
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "admm", "magnitude"])
@@ -207,20 +228,57 @@ def test_a_refused_call_leaves_the_banks_in_place_and_unchanged():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+class Mixer(torch.nn.Module):
+    """A Linear and a weight matrix of its own, which oneshot cannot prune: it must
+    say so rather than report a pruned model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.mix = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) @ self.mix
+
+
 def test_weights_no_pruned_layer_holds_are_named_in_a_warning():
-    """Llama 4's experts are 3-D weights without the bank interface: they stay dense,
-    and the call says so rather than reporting a pruned model."""
-    config = transformers.Llama4TextConfig(**COMMON, head_dim=8, intermediate_size_mlp=64,
-                                           num_local_experts=2)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with pytest.warns(UserWarning, match=r"4 weight tensor\(s\) in the blocks belong to no "
-                      r"layer it prunes .* stay dense: model\.layers\.0\.feed_forward\.experts"
-                      r"\.gate_up_proj \(2, 32, 128\), model\.layers\.0\.feed_forward\."
-                      r"experts\.down_proj \(2, 64, 32\), model\.layers\.1"):
-        prunekit.oneshot(model, batches(1), "wanda", progress=False)
+    model = torch.nn.Sequential(Mixer(), Mixer())
+    with pytest.warns(UserWarning, match=r"2 weight tensor\(s\) in the blocks belong to no "
+                      r"layer it prunes .* stay dense: 0\.mix \(8, 8\), 1\.mix \(8, 8\)$"):
+        prunekit.oneshot(model, [torch.randn(16, 8)], "wanda", progress=False)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "llama4"])
 def test_a_model_whose_weights_are_all_pruned_gets_no_warning(arch, recwarn):
     prunekit.oneshot(moe(arch), batches(), "wanda", progress=False)
     assert not [w for w in recwarn if "oneshot" in str(w.message)]
+
+
+def test_an_offloaded_bank_is_refused_by_name_before_anything_changes():
+    model = moe("mixtral")
+    state = copy.deepcopy(model.state_dict())
+    bank = model.model.layers[1].mlp.experts
+    bank.down_proj = torch.nn.Parameter(torch.empty(bank.down_proj.shape, device="meta"))
+    with pytest.raises(UnsupportedError, match=r"expert bank 'model\.layers\.1\.mlp\.experts' "
+                       r"\(MixtralExperts\): its weights are on the meta device"):
+        prunekit.oneshot(model, batches(), "wanda", progress=False)
+    assert not any(isinstance(m, ExpertLayers) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items() if "layers.1.mlp" not in k)
+
+
+def test_llama4_experts_run_on_the_rows_routed_to_them_only():
+    """Llama 4 hands every expert every token, zero where the expert was not chosen: an
+    expert's statistic must count its own tokens, so that one no token chose is seen
+    as uncalibrated."""
+    bank = moe("llama4").model.layers[0].feed_forward.experts
+    layers = unfused(bank)
+    rows = torch.randn(4, 5, 32)
+    rows[2], rows[1, :3] = 0, 0
+    seen: list[int] = []
+    for layer in layers.ups:
+        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        got, want = layers(rows.view(-1, 32)), bank(rows.view(-1, 32))
+    assert seen == [5, 2, 0, 5]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not got.view(4, 5, 32)[2].any()

@@ -1,17 +1,18 @@
 """Mixture-of-experts banks as Linear layers, for the time of a one-shot pruning.
 
 Hugging Face transformers (5.x) stores the experts of a mixture-of-experts block
-(Mixtral, Qwen MoE, OLMoE, GPT-OSS, DeepSeek, ...) as one module holding 3-D weights,
-``gate_up_proj`` (or ``up_proj``) and ``down_proj``, ``experts x out x in`` (``x in x
-out`` when ``is_transposed``), the layout its ``use_experts_implementation`` decorator
-announces. No layer of such a bank is an ``nn.Linear``, so a calibrated sparsifier would
-see none of the weights that hold most of the model.
+(Mixtral, Qwen MoE, OLMoE, GPT-OSS, DeepSeek, Llama 4, ...) as one module holding 3-D
+weights, ``gate_up_proj`` (or ``up_proj``) and ``down_proj``, ``experts x out x in``
+(``x in x out`` when transposed). Most declare their layout through transformers'
+``use_experts_implementation`` decorator; Llama 4's has one of its own. No layer of such
+a bank is an ``nn.Linear``, so a calibrated sparsifier would see none of the weights
+that hold most of the model.
 
-``unfused_experts(model)`` swaps every bank for ``ExpertLayers``: one ``nn.Linear`` per
-expert and projection whose weight is a view of the bank's tensor, computing what the
-bank computes, so each expert is calibrated on exactly the tokens routed to it and
-pruned like any Linear. It calls every expert's up projections before any down
-projection (each ``ParallelLayers``), so the engine calibrates all experts of a
+``unfused_experts(model)`` swaps every bank for an ``ExpertLayers``: one ``nn.Linear``
+per expert and projection whose weight is a view of the bank's tensor, computing what
+the bank computes, so each expert is calibrated on exactly the tokens routed to it and
+pruned like any Linear. It calls every expert's up projection before any down
+projection (each a ``ParallelLayers``), so the engine calibrates all experts of a
 projection together rather than in one stage per expert. On leaving, the layers' weights
 are written back into the bank and the bank returns.
 """
@@ -28,7 +29,14 @@ from prunekit.errors import UnsupportedError
 from prunekit.fqn import fqn_to_module
 
 __all__ = [
-    "ExpertLayers", "ParallelLayers", "expand_parallel", "is_expert_bank", "unfused_experts"
+    "ExpertLayers",
+    "Llama4ExpertLayers",
+    "ParallelLayers",
+    "RoutedExpertLayers",
+    "expand_parallel",
+    "is_expert_bank",
+    "unfused",
+    "unfused_experts",
 ]
 
 
@@ -37,26 +45,44 @@ class ParallelLayers(nn.ModuleList):
     engine may calibrate them in one stage although each reads an input of its own."""
 
 
-def _up_name(bank: nn.Module) -> str:
-    return "gate_up_proj" if bank.has_gate else "up_proj"
+def _interface_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
+    """``(up projection's name, transposed, biased)`` of a bank declared through
+    transformers' ``use_experts_implementation`` (its flags), else None."""
+    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
+        return None
+    return ("gate_up_proj" if module.has_gate else "up_proj", module.is_transposed,
+            module.has_bias)
+
+
+def _llama4_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
+    """Llama 4's experts: ``gate_up_proj`` ``experts x in x 2·out``, no flags."""
+    if type(module).__name__ != "Llama4TextExperts" or not callable(getattr(module, "act_fn",
+                                                                                None)):
+        return None
+    return "gate_up_proj", True, False
+
+
+def _layout(module: nn.Module) -> tuple[str, bool, bool] | None:
+    layout = _interface_layout(module) or _llama4_layout(module)
+    if layout is None:
+        return None
+    weights = [getattr(module, layout[0], None), getattr(module, "down_proj", None)]
+    return layout if all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights) else None
 
 
 def is_expert_bank(module: nn.Module) -> bool:
-    """A transformers experts module with 3-D weights (``use_experts_implementation``)."""
-    flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
-    if not all(isinstance(getattr(module, f, None), bool) for f in flags):
-        return False
-    weights = [getattr(module, _up_name(module), None), getattr(module, "down_proj", None)]
-    return all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
+    """A transformers experts module with 3-D weights this module can unfuse: one
+    declared through ``use_experts_implementation``, or Llama 4's."""
+    return _layout(module) is not None
 
 
-def _linear_views(bank: nn.Module, name: str) -> ParallelLayers:
-    """One Linear per expert sharing the storage of ``bank.<name>`` (and its bias)."""
-    stacked = getattr(bank, name)
-    bias = getattr(bank, f"{name}_bias") if bank.has_bias else None
+def _linear_views(stacked: nn.Parameter, bias: nn.Parameter | None, transposed: bool
+                  ) -> ParallelLayers:  # fmt: skip
+    """One Linear per expert sharing the storage of ``stacked`` (and ``bias``)."""
     layers = ParallelLayers()
     for e in range(stacked.shape[0]):
-        weight = stacked.data[e].T if bank.is_transposed else stacked.data[e]
+        weight = stacked.data[e].T if transposed else stacked.data[e]
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                           device="meta", dtype=weight.dtype)
         layer.weight = nn.Parameter(weight, requires_grad=stacked.requires_grad)
@@ -67,25 +93,49 @@ def _linear_views(bank: nn.Module, name: str) -> ParallelLayers:
 
 
 class ExpertLayers(nn.Module):
-    """What a bank computes, with its experts as ``nn.Linear`` layers (views of the
-    bank's weights): every expert's up projection on the tokens routed to it, the gate
-    or activation, then every expert's down projection, weighted and summed per token.
-    Every layer is called on every forward, on no rows if no token chose its expert, so
-    each forward calls the same layers in the same order."""
+    """A bank's experts as ``nn.Linear`` layers (views of the bank's weights), named as
+    the bank names its weights (``gate_up_proj.3``). Subclasses compute what the bank
+    computes; each calls every layer on every forward, on no rows if no token chose its
+    expert, so each forward calls the same layers in the same order."""
 
     def __init__(self, bank: nn.Module) -> None:
         super().__init__()
-        if getattr(bank, "_is_expert_parallel", False):
-            raise UnsupportedError(f"{type(bank).__name__}: expert-parallel banks (experts "
-                                   "sharded over devices) cannot be unfused for pruning")
+        layout = _layout(bank)
+        assert layout is not None, "not an expert bank"
         self.__dict__["bank"] = bank  # not a submodule: its tensors are the layers' own
-        self.up_name = _up_name(bank)
-        self.add_module(self.up_name, _linear_views(bank, self.up_name))
-        self.down_proj = _linear_views(bank, "down_proj")
+        self.up_name, self.transposed, self.biased = layout
+        for name in (self.up_name, "down_proj"):
+            bias = getattr(bank, f"{name}_bias") if self.biased else None
+            self.add_module(name, _linear_views(getattr(bank, name), bias, self.transposed))
+
+    @property
+    def ups(self) -> ParallelLayers:
+        return getattr(self, self.up_name)
+
+    def write_back(self) -> None:
+        """Copy every layer's weight (masked, if a mask is attached) and bias into the
+        bank, where a layer no longer holds a view of it."""
+        for name in (self.up_name, "down_proj"):
+            tensors = [("weight", name)] + [("bias", f"{name}_bias")] * self.biased
+            for tensor_name, bank_name in tensors:
+                stacked = getattr(self.bank, bank_name).data
+                for e, layer in enumerate(getattr(self, name)):
+                    value, target = getattr(layer, tensor_name).detach(), stacked[e]
+                    if tensor_name == "weight" and self.transposed:
+                        target = target.T
+                    if value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
+                        target.copy_(value)
+
+
+class RoutedExpertLayers(ExpertLayers):
+    """A bank declared through ``use_experts_implementation``: called with the tokens,
+    each token's chosen experts and their weights. Every expert's up projection on the
+    tokens routed to it, the gate or activation, then every expert's down projection,
+    weighted and summed per token, in transformers' own row order."""
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        bank, ups = self.bank, getattr(self, self.up_name)
+        bank, ups = self.bank, self.ups
         # (slot, token) pairs, slot-major: the row order of transformers' own loop
         routed = [torch.where(top_k_index.T.eq(e)) for e in range(len(ups))]
         hidden = [ups[e](hidden_states[tokens]) for e, (_, tokens) in enumerate(routed)]
@@ -99,25 +149,40 @@ class ExpertLayers(nn.Module):
             final.index_add_(0, tokens, out.to(final.dtype))
         return final
 
-    def write_back(self) -> None:
-        """Copy every layer's weight (masked, if a mask is attached) and bias into the
-        bank, where a layer no longer holds a view of it."""
-        bank = self.bank
-        for name, layers in ((self.up_name, getattr(self, self.up_name)),
-                             ("down_proj", self.down_proj)):
-            for tensor_name in ("weight", "bias") if bank.has_bias else ("weight",):
-                stacked = getattr(bank, name if tensor_name == "weight" else f"{name}_bias").data
-                for e, layer in enumerate(layers):
-                    value = getattr(layer, tensor_name).detach()
-                    target = stacked[e]
-                    if tensor_name == "weight" and bank.is_transposed:
-                        target = target.T
-                    if value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
-                        target.copy_(value)
+
+class Llama4ExpertLayers(ExpertLayers):
+    """Llama 4's bank: called with every token once per expert (``experts x tokens``
+    rows), each scaled by its routing score, zero where the expert was not chosen. A
+    zero row gives a zero output (no bias; the gate's activation is 0 at 0), so each
+    expert runs on its nonzero rows only: its statistic counts the tokens routed to it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        rows = hidden_states.view(len(self.ups), -1, hidden_states.shape[-1])
+        final = torch.zeros_like(rows)
+        for e, expert_rows in enumerate(rows):
+            routed = expert_rows.ne(0).any(-1).nonzero().squeeze(1)
+            gate, up = self.ups[e](expert_rows[routed]).chunk(2, dim=-1)
+            final[e, routed] = self.down_proj[e](up * self.bank.act_fn(gate))
+        return final.view(-1, hidden_states.shape[-1])
+
+
+def unfused(bank: nn.Module) -> ExpertLayers:
+    """The ``ExpertLayers`` computing what ``bank`` computes."""
+    return (RoutedExpertLayers if _interface_layout(bank) else Llama4ExpertLayers)(bank)
 
 
 def _banks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(fqn, m) for fqn, m in model.named_modules() if fqn and is_expert_bank(m)]
+    """The model's expert banks, each checked to be one this module can unfuse."""
+    banks = [(fqn, m) for fqn, m in model.named_modules() if fqn and is_expert_bank(m)]
+    for fqn, bank in banks:
+        where = f"expert bank {fqn!r} ({type(bank).__name__})"
+        if getattr(bank, "_is_expert_parallel", False):
+            raise UnsupportedError(f"{where}: its experts are sharded over devices (expert "
+                                   "parallel); prune an unsharded copy")
+        if any(p.is_meta for p in bank.parameters()):
+            raise UnsupportedError(f"{where}: its weights are on the meta device "
+                                   "(offloaded); load the model without offloading")
+    return banks
 
 
 @contextmanager
@@ -130,7 +195,7 @@ def unfused_experts(model: nn.Module) -> Iterator[dict[str, ExpertLayers]]:
     try:
         for fqn, bank in banks:
             parent, _, child = fqn.rpartition(".")
-            layers = ExpertLayers(bank)
+            layers = unfused(bank)
             setattr(fqn_to_module(model, parent) if parent else model, child, layers)
             swapped[fqn] = layers
         yield swapped

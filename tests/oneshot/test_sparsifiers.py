@@ -187,6 +187,29 @@ def test_step_without_calibration_fails_and_changes_nothing(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_a_layer_assumed_to_see_white_inputs_is_pruned_by_magnitude_and_kept_as_it_was(cls):
+    model = mlp()
+    s = cls()
+    s.prepare(model, None)
+    with s.calibrate(["0.weight"]):
+        model(torch.randn(4, 32))
+    assert s.uncalibrated(["0.weight", "2.weight"]) == ["2.weight"]
+    weight = model[2].weight.detach().clone()
+    s.assume_white_inputs(s.uncalibrated(["2.weight"]))
+    s.step()
+    s.squash_mask()
+    kept = model[2].weight != 0
+    assert int(kept.sum()) == weight.numel() // 2
+    # the smallest, compared in every row (Wanda) or across the layer (the others), ...
+    dim = 1 if cls is WandaSparsifier else None
+    largest_dropped = weight.abs().where(~kept, -torch.inf).amax(dim)
+    assert (largest_dropped <= weight.abs().where(kept, torch.inf).amin(dim)).all()
+    tolerance = 1e-6 if cls is AdmmSparsifier else 0.0  # its exact solve on H = I rounds
+    torch.testing.assert_close(model[2].weight[kept], weight[kept], rtol=tolerance,
+                               atol=tolerance)  # ... and no update
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_non_finite_inputs_fail_before_any_change(cls):
     model = mlp()
     s = cls()

@@ -4,11 +4,12 @@ The calibration batches are run through the model once, up to the first block, a
 that block's inputs (hidden states plus the keyword arguments a decoder layer gets:
 masks, positions, rotary embeddings) are kept; where later blocks get other masks or
 embeddings (Gemma's sliding and global layers), theirs too. Then, for each block, stage by stage
-(layers reading the same input: q/k/v, o_proj, gate/up, down_proj): run the block on
-the kept inputs up to the stage's last layer, calibrate, prune; then run the pruned
-block to make the inputs of the next one. Only one stage's statistics (Hessians) exist
-at any time; the kept hidden states are the one other cost, ``batches x tokens x
-width`` floats.
+(layers reading the same input: q/k/v, o_proj, gate/up, down_proj; or one projection
+of every expert, see ``experts``): run the block on the kept inputs up to the stage's
+last layer, calibrate, prune (a layer no token reached, by weight magnitude); then run
+the pruned block to make the inputs of the next one. Only one stage's statistics
+(Hessians) exist at any time; the kept hidden states are the one other cost, ``batches
+x tokens x width`` floats.
 """
 
 from __future__ import annotations

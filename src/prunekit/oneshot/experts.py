@@ -57,10 +57,9 @@ def _interface_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
 
 def _llama4_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
     """Llama 4's experts: ``gate_up_proj`` ``experts x in x 2·out``, no flags."""
-    if type(module).__name__ != "Llama4TextExperts" or not callable(getattr(module, "act_fn",
-                                                                                None)):
-        return None
-    return "gate_up_proj", True, False
+    named = type(module).__name__ == "Llama4TextExperts"
+    return ("gate_up_proj", True, False) if named and callable(getattr(module, "act_fn", None)) \
+        else None
 
 
 def _layout(module: nn.Module) -> tuple[str, bool, bool] | None:

@@ -210,9 +210,9 @@ class CalibratedSparsifier(BaseSparsifier):
 
     def assume_white_inputs(self, tensor_fqns: Iterable[str]) -> None:
         """Give ``tensor_fqns`` the statistic of white inputs, replacing what they
-        collected, so ``step`` prunes them by weight magnitude (and, for the methods
-        that update weights, leaves the kept ones as they are) rather than refusing a
-        layer calibration never reached."""
+        collected, so ``step`` prunes them by weight magnitude (and the methods that
+        update weights leave the kept ones as they are, up to rounding) rather than
+        refusing a layer calibration never reached."""
         for group in self._select(tensor_fqns, "assume_white_inputs"):
             weight = out_in(group["module"], self._original(group["module"], "weight"))
             self._stats[group["tensor_fqn"]] = self.white_statistic(weight)

@@ -13,7 +13,13 @@ import prunekit
 from prunekit.errors import FqnError, UnsupportedError
 from prunekit.oneshot.blocks import resolve_blocks
 from prunekit.oneshot.engine import _stages, capture_inputs, inference_context
-from prunekit.oneshot.experts import ExpertLayers, is_expert_bank, unfused, unfused_experts
+from prunekit.oneshot.experts import (
+    ExpertLayers,
+    is_expert_bank,
+    routing_gates,
+    unfused,
+    unfused_experts,
+)
 from tests.oneshot.test_architectures import reference_wanda
 
 transformers = pytest.importorskip("transformers")
@@ -54,14 +60,17 @@ def batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
 
 
 def call_order(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[str]:
-    """The Linear layers of the model's blocks in the order a forward first calls them
-    (Llama 4 builds its experts before its router, and calls the router first)."""
+    """The Linear layers of the model's blocks but routing gates, in the order a forward
+    first calls them (Llama 4 builds its experts before its router, and calls the router
+    first)."""
     order: list[str] = []
-    blocks = tuple(f"{fqn}." for fqn, _ in resolve_blocks(model, "auto"))
+    blocks = resolve_blocks(model, "auto")
+    gates = set().union(*(routing_gates(block) for _, block in blocks))
+    prefixes = tuple(f"{fqn}." for fqn, _ in blocks)
     handles = [m.register_forward_pre_hook(lambda *_, n=n: order.append(n) if n not in order
                                            else None)
-               for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith(prefixes) and id(m) not in gates]
     with torch.no_grad():
         model(**batch)
     for handle in handles:
@@ -174,7 +183,7 @@ def test_dense_targets_refit_the_other_layers_and_still_prune_the_experts():
     model = moe("qwen2_moe")
     achieved = prunekit.oneshot(model, batches(), "sparsegpt", dense_targets=True,
                                 progress=False)
-    assert len(achieved) == 2 * (4 + 2 * 4 + 4) and set(achieved.values()) == {0.5}
+    assert len(achieved) == 2 * (4 + 2 * 4 + 3) and set(achieved.values()) == {0.5}
     with torch.no_grad():
         assert torch.isfinite(model(**batches(1)[0]).logits).all()
 
@@ -282,3 +291,17 @@ def test_llama4_experts_run_on_the_rows_routed_to_them_only():
     assert seen == [5, 2, 0, 5]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not got.view(4, 5, 32)[2].any()
+
+
+@pytest.mark.parametrize(("arch", "gate"), [("llama4", "feed_forward.router"),
+                                            ("qwen2_moe", "mlp.shared_expert_gate")])
+def test_routing_gates_stay_dense_unless_named(arch, gate):
+    model = moe(arch)
+    weight = model.get_submodule(f"model.layers.0.{gate}").weight
+    dense = weight.detach().clone()
+    achieved = prunekit.oneshot(model, batches(), "sparsegpt", progress=False)
+    assert not [name for name in achieved if name.endswith(gate.split(".")[-1])]
+    assert torch.equal(weight, dense)
+    named = prunekit.oneshot(model, batches(), "wanda", progress=False,
+                             layers=[f"model.layers.0.{gate}"])
+    assert named == {f"model.layers.0.{gate}": 0.5}

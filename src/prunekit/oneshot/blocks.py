@@ -16,7 +16,7 @@ from torch import nn
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.fqn import fqn_to_module, resolve_tensor_fqn
 from prunekit.linear_like import LAYER_KINDS, is_linear_like
-from prunekit.oneshot.experts import expand_parallel
+from prunekit.oneshot.experts import expand_parallel, routing_gates
 
 __all__ = ["find_decoder_stack", "resolve_blocks", "resolve_layers"]
 
@@ -94,17 +94,20 @@ def _owner(name: str, blocks: Blocks) -> str | None:
 
 
 def _linears(fqn: str, block: nn.Module) -> list[str]:
-    """The Linear-like layers of a block, the block itself included when it is one."""
+    """The Linear-like layers of a block, the block itself included when it is one,
+    but not the gates routing tokens among experts (``routing_gates``)."""
     prefix = f"{fqn}." if fqn else ""
+    gates = routing_gates(block)
     return [prefix + n if n else fqn for n, m in block.named_modules()
-            if (n or fqn) and is_linear_like(m)]
+            if (n or fqn) and is_linear_like(m) and id(m) not in gates]
 
 
 def resolve_layers(
     model: nn.Module, blocks: Blocks, layers: list[str] | None
 ) -> dict[str, list[str]]:
     """``{block fqn: [Linear fqns]}``: the named ``layers`` (default: every Linear of
-    every block), each checked to exist, to be Linear-like and to sit in a block."""
+    every block but the gates routing tokens among experts), each checked to exist, to
+    be Linear-like and to sit in a block."""
     if layers is None:
         return {fqn: _linears(fqn, block) for fqn, block in blocks}
     if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):

@@ -35,6 +35,7 @@ __all__ = [
     "RoutedExpertLayers",
     "expand_parallel",
     "is_expert_bank",
+    "routing_gates",
     "unfused",
     "unfused_experts",
 ]
@@ -203,6 +204,21 @@ def unfused_experts(model: nn.Module) -> Iterator[dict[str, ExpertLayers]]:
             layers.write_back()
             parent, _, child = fqn.rpartition(".")
             setattr(fqn_to_module(model, parent) if parent else model, child, layers.bank)
+
+
+def routing_gates(block: nn.Module) -> set[int]:
+    """``id``s of the Linear layers that route tokens among an unfused bank's experts:
+    siblings of an ``ExpertLayers`` with one output per expert (Llama 4's router) or a
+    single one (Qwen MoE's shared-expert gate). Tiny, and a pruned gate moves tokens to
+    other experts, so one-shot pruning leaves them dense unless named."""
+    gates: set[int] = set()
+    for parent in block.modules():
+        children = list(parent.children())
+        banks = [c for c in children if isinstance(c, ExpertLayers)]
+        for bank in banks:
+            gates |= {id(c) for c in children if isinstance(c, nn.Linear)
+                      and c.out_features in (len(bank.ups), 1)}
+    return gates
 
 
 def expand_parallel(model: nn.Module, names: list[str]) -> list[str]:

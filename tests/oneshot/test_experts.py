@@ -305,3 +305,19 @@ def test_routing_gates_stay_dense_unless_named(arch, gate):
     named = prunekit.oneshot(model, batches(), "wanda", progress=False,
                              layers=[f"model.layers.0.{gate}"])
     assert named == {f"model.layers.0.{gate}": 0.5}
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
+def test_sparsity_zero_leaves_a_moe_model_bit_for_bit(method):
+    model = moe("gpt_oss")
+    state = copy.deepcopy(model.state_dict())
+    achieved = prunekit.oneshot(model, batches(), method, sparsity=0.0, progress=False)
+    assert set(achieved.values()) == {0.0}
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_a_moe_model_calibrated_as_one_block_prunes_every_expert():
+    model = moe("mixtral")
+    achieved = prunekit.oneshot(model, batches(), "sparsegpt", blocks=None, progress=False)
+    assert len(achieved) == 2 * (4 + 2 * 4) + 1 and set(achieved.values()) == {0.5}  # + lm_head

@@ -320,3 +320,12 @@ def test_blocks_that_are_linear_layers_themselves_are_pruned():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     report = prunekit.oneshot(model, [torch.randn(16, 8)], "sparsegpt", blocks="", progress=False)
     assert report == {"0": 0.5, "1": 0.5}
+
+
+def test_a_whole_model_block_takes_keyword_batches(llama, batches):
+    """With ``blocks=None`` the model is the one block: a batch of keywords only
+    (``input_ids=``) has no hidden states to swap, and needs none."""
+    model = copy.deepcopy(llama)
+    achieved = prunekit.oneshot(model, [{"input_ids": b} for b in batches], "wanda",
+                                blocks=None, progress=False)
+    assert len(achieved) == 3 * 7 + 1 and set(achieved.values()) == {0.5}  # + lm_head

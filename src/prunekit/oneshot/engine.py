@@ -165,7 +165,7 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> 
                     f"calibration batch {i}: the model's forward failed: "
                     f"{type(err).__name__}: {err}"
                 ) from err
-            if i == 0 and seen and _inputs_differ(model, seen):
+            if i == 0 and len(blocks) > 1 and seen and _inputs_differ(model, seen):
                 sources = list(range(len(blocks)))
             needed = max(sources) + 1
             if len(seen) < needed:

@@ -27,7 +27,7 @@ from prunekit.mappings import (
     get_dynamic_sparse_quantized_mapping,
     get_static_sparse_quantized_mapping,
 )
-from prunekit.oneshot import oneshot
+from prunekit.oneshot import drop_experts, oneshot
 from prunekit.parametrization import FakeSparsity, module_contains_param
 from prunekit.scheduler import BaseScheduler, CubicSL, LambdaSL
 from prunekit.sparsifier import (
@@ -64,6 +64,7 @@ __all__ = [
     "WandaSparsifier",
     "WeightNormSparsifier",
     "allocate",
+    "drop_experts",
     "finetune",
     "fqn_to_module",
     "get_arg_info_from_tensor_fqn",

@@ -3,11 +3,13 @@
 ``prunekit.oneshot(model, batches, method=...)`` is the one-call entry point (the name
 ``prunekit.oneshot`` is that function; import the helpers of this package with
 ``from prunekit.oneshot.<module> import ...``). ``blocks`` finds the stack of blocks
-to prune one after another, ``engine`` runs them, ``data`` loads the real model and
-text used by the benchmark and the slow tests.
+to prune one after another, ``engine`` runs them, ``experts`` unfuses mixture-of-experts
+banks, ``expert_drop`` removes whole experts (``prunekit.drop_experts``), ``data`` loads
+the real model and text used by the benchmark and the slow tests.
 """
 
 from prunekit.oneshot.api import METHODS, oneshot
 from prunekit.oneshot.blocks import find_decoder_stack
+from prunekit.oneshot.expert_drop import drop_experts
 
-__all__ = ["METHODS", "find_decoder_stack", "oneshot"]
+__all__ = ["METHODS", "drop_experts", "find_decoder_stack", "oneshot"]

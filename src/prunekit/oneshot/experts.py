@@ -34,7 +34,9 @@ __all__ = [
     "ParallelLayers",
     "RoutedExpertLayers",
     "expand_parallel",
+    "expert_banks",
     "is_expert_bank",
+    "routed_layout",
     "routing_gates",
     "unfused",
     "unfused_experts",
@@ -46,7 +48,7 @@ class ParallelLayers(nn.ModuleList):
     engine may calibrate them in one stage although each reads an input of its own."""
 
 
-def _interface_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
+def routed_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
     """``(up projection's name, transposed, biased)`` of a bank declared through
     transformers' ``use_experts_implementation`` (its flags), else None."""
     flags = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
@@ -64,7 +66,7 @@ def _llama4_layout(module: nn.Module) -> tuple[str, bool, bool] | None:
 
 
 def _layout(module: nn.Module) -> tuple[str, bool, bool] | None:
-    layout = _interface_layout(module) or _llama4_layout(module)
+    layout = routed_layout(module) or _llama4_layout(module)
     if layout is None:
         return None
     weights = [getattr(module, layout[0], None), getattr(module, "down_proj", None)]
@@ -168,10 +170,10 @@ class Llama4ExpertLayers(ExpertLayers):
 
 def unfused(bank: nn.Module) -> ExpertLayers:
     """The ``ExpertLayers`` computing what ``bank`` computes."""
-    return (RoutedExpertLayers if _interface_layout(bank) else Llama4ExpertLayers)(bank)
+    return (RoutedExpertLayers if routed_layout(bank) else Llama4ExpertLayers)(bank)
 
 
-def _banks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def expert_banks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's expert banks, each checked to be one this module can unfuse."""
     banks = [(fqn, m) for fqn, m in model.named_modules() if fqn and is_expert_bank(m)]
     for fqn, bank in banks:
@@ -191,7 +193,7 @@ def unfused_experts(model: nn.Module) -> Iterator[dict[str, ExpertLayers]]:
     ``{fqn: layers}``. On leaving, even on an error, the layers' weights go back into the
     banks and the banks back into the model."""
     swapped: dict[str, ExpertLayers] = {}
-    banks = _banks(model)
+    banks = expert_banks(model)
     try:
         for fqn, bank in banks:
             parent, _, child = fqn.rpartition(".")

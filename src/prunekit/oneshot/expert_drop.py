@@ -1,0 +1,169 @@
+"""Drop whole experts of a mixture-of-experts model: the ones calibration routes least to.
+
+Unstructured sparsity in the experts saves memory only once a kernel packs it; removing
+an expert removes its weights outright. ``drop_experts`` runs the calibration batches
+once, sums per expert the routing weight the router gave it (its share of the tokens,
+weighted by how much each relied on it), keeps the ``keep`` most used experts of every
+bank, and slices them out of the bank's 3-D weights and the router's rows. The model
+then routes among the kept experts exactly as the original would with the dropped
+experts' router logits at ``-inf`` (tested): softmax and top-k see only the rest.
+
+Banks declared through transformers' ``use_experts_implementation`` with a linear
+router (``weight`` ``experts x hidden``, optional ``bias``: Mixtral, Qwen MoE, OLMoE,
+GPT-OSS) are supported; routers with per-expert state of another kind (DeepSeek's
+score-correction bias and expert groups) and Llama 4's bank are refused by name. Every
+bank keeps the same number of experts, so the model's config describes it again and
+``save_pretrained`` / ``from_pretrained`` round-trip.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
+from prunekit.oneshot.engine import call_model, inference_context
+from prunekit.oneshot.experts import expert_banks, routed_layout
+
+__all__ = ["drop_experts"]
+
+_COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _router(model: nn.Module, fqn: str, bank: nn.Module) -> tuple[str, nn.Module]:
+    """The linear router beside ``bank``: a sibling whose only tensors are ``weight``
+    (``experts x hidden``) and an optional ``bias`` (``experts``)."""
+    where = f"expert bank {fqn!r} ({type(bank).__name__})"
+    if routed_layout(bank) is None:
+        raise UnsupportedError(f"{where}: dropping experts needs a bank declared through "
+                               "transformers' use_experts_implementation")
+    parent_fqn = fqn.rpartition(".")[0]
+    parent = model.get_submodule(parent_fqn)
+    experts = bank.down_proj.shape[0]
+    for name, child in parent.named_children():
+        weight = getattr(child, "weight", None)
+        if child is bank or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if weight.shape[0] != experts:
+            continue
+        tensors = dict(child.named_parameters()) | dict(child.named_buffers())
+        extra = sorted(set(tensors) - {"weight", "bias"})
+        bias = tensors.get("bias")
+        if extra or (bias is not None and tuple(bias.shape) != (experts,)):
+            raise UnsupportedError(
+                f"{where}: its router {type(child).__name__} holds {extra or ['bias']} "
+                "besides a per-expert weight and bias; dropping experts would leave them "
+                "inconsistent")
+        return f"{parent_fqn}.{name}", child
+    raise UnsupportedError(f"{where}: no linear router (weight of {experts} rows) beside it")
+
+
+def _keep_count(keep: Any, experts: int, top_k: int) -> int:
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ConfigTypeError(f"drop_experts: keep must be an int (experts) or a fraction, "
+                              f"got {keep!r}")
+    count = int(keep) if isinstance(keep, numbers.Integral) else round(float(keep) * experts)
+    if not top_k <= count <= experts:
+        raise ConfigError(f"drop_experts: keep={keep!r} keeps {count} of {experts} experts; "
+                          f"need between top-k ({top_k}) and {experts}")
+    return count
+
+
+def _usage(model: nn.Module, routers: dict[str, nn.Module], batches: list[Any]
+           ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per router, the routing weight it gave each expert over the batches."""
+    mass = {fqn: torch.zeros(r.weight.shape[0], dtype=torch.float64) for fqn, r in
+            routers.items()}
+
+    def record(fqn: str, _m: nn.Module, _a: tuple, output: Any) -> None:
+        parts = output if isinstance(output, tuple) else (output,)
+        indices = [p for p in parts if isinstance(p, torch.Tensor) and not p.is_floating_point()]
+        scores = [p for p in parts if isinstance(p, torch.Tensor) and p.is_floating_point()
+                  and indices and p.shape == indices[0].shape]
+        if not (indices and scores):
+            raise UnsupportedError(f"router {fqn!r} returned no (scores, expert indices) pair")
+        mass[fqn].index_add_(0, indices[0].flatten().cpu(),
+                             scores[0].detach().flatten().double().cpu())
+
+    handles = [r.register_forward_hook(lambda m, a, o, fqn=fqn: record(fqn, m, a, o))
+               for fqn, r in routers.items()]
+    try:
+        with inference_context(model):
+            for i, batch in enumerate(batches):
+                try:
+                    call_model(model, batch)
+                except UnsupportedError:
+                    raise
+                except Exception as err:
+                    raise ConfigError(f"calibration batch {i}: the model's forward failed: "
+                                      f"{type(err).__name__}: {err}") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    return mass
+
+
+def _take(module: nn.Module, name: str, kept: torch.Tensor) -> None:
+    tensor = getattr(module, name)
+    setattr(module, name, nn.Parameter(tensor.data[kept.to(tensor.device)].clone(),
+                                       requires_grad=tensor.requires_grad))
+
+
+def _set_counts(objects: Iterable[Any], old: int, new: int) -> None:
+    for obj in objects:
+        for attr in _COUNT_ATTRS:
+            if getattr(obj, attr, None) == old:
+                setattr(obj, attr, new)
+
+
+def drop_experts(model: nn.Module, calibration_batches: Iterable[Any], keep: int | float
+                 ) -> dict[str, list[int]]:  # fmt: skip
+    """Keep the ``keep`` (a count, or a fraction of each bank) most used experts of
+    every expert bank, in place; returns ``{bank fqn: kept expert indices}``.
+
+    Use is the routing weight each expert received over ``calibration_batches`` (token
+    ids, or dicts of the model's arguments). Everything is checked, and the batches run,
+    before any weight changes.
+
+    >>> from prunekit.oneshot.expert_drop import drop_experts
+    >>> kept = drop_experts(moe, batches, keep=0.75)  # doctest: +SKIP
+    """
+    banks = expert_banks(model)
+    if not banks:
+        raise UnsupportedError(f"drop_experts: {type(model).__name__} has no expert bank")
+    if isinstance(calibration_batches, (torch.Tensor, dict, str)):
+        raise ConfigTypeError("drop_experts: calibration_batches must be a list of batches; "
+                              "wrap one batch in a list")
+    batches = list(calibration_batches)
+    if not batches:
+        raise ConfigError("drop_experts: no calibration batches; give at least one")
+    routers = dict(_router(model, fqn, bank) for fqn, bank in banks)
+    sizes = {bank.down_proj.shape[0] for _, bank in banks}
+    if len(sizes) != 1:
+        raise UnsupportedError(f"drop_experts: banks of {sorted(sizes)} experts; every bank "
+                               "must have as many for the config to describe the result")
+    experts = sizes.pop()
+    top_k = max(int(getattr(r, "top_k", 1)) for r in routers.values())
+    count = _keep_count(keep, experts, top_k)
+    mass = _usage(model, routers, batches)
+    config = getattr(model, "config", None)
+    kept_by_bank: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for (fqn, bank), (router_fqn, router) in zip(banks, routers.items(), strict=True):
+            kept = mass[router_fqn].topk(count).indices.sort().values
+            names = [n for n in ("gate_up_proj", "up_proj", "down_proj") if hasattr(bank, n)]
+            for name in names + [f"{n}_bias" for n in names if bank.has_bias]:
+                _take(bank, name, kept)
+            for name in ("weight", "bias"):
+                if getattr(router, name, None) is not None:
+                    _take(router, name, kept)
+            parent = model.get_submodule(fqn.rpartition(".")[0])
+            _set_counts([bank, router, parent, getattr(bank, "config", None)], experts, count)
+            kept_by_bank[fqn] = kept.tolist()
+        _set_counts([c for c in (config, getattr(config, "text_config", None)) if c is not None],
+                    experts, count)
+    return kept_by_bank

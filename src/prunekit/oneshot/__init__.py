@@ -4,12 +4,14 @@
 ``prunekit.oneshot`` is that function; import the helpers of this package with
 ``from prunekit.oneshot.<module> import ...``). ``blocks`` finds the stack of blocks
 to prune one after another, ``engine`` runs them, ``experts`` unfuses mixture-of-experts
-banks, ``expert_drop`` removes whole experts (``prunekit.drop_experts``), ``data`` loads
+banks, ``expert_drop`` removes whole experts (``prunekit.drop_experts``), ``expert_channels``
+narrows them (``prunekit.prune_expert_channels``), ``data`` loads
 the real model and text used by the benchmark and the slow tests.
 """
 
 from prunekit.oneshot.api import METHODS, oneshot
 from prunekit.oneshot.blocks import find_decoder_stack
+from prunekit.oneshot.expert_channels import prune_expert_channels
 from prunekit.oneshot.expert_drop import drop_experts
 
-__all__ = ["METHODS", "drop_experts", "find_decoder_stack", "oneshot"]
+__all__ = ["METHODS", "drop_experts", "find_decoder_stack", "oneshot", "prune_expert_channels"]

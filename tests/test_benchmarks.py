@@ -99,18 +99,21 @@ print(len({{t.data_ptr() % 4096 for t in kept}}))
     assert offsets > 1 if heap else offsets == 1  # mapped blocks all start a page in
 
 
-def test_the_upcycled_moe_twin_computes_what_its_dense_model_computes():
+@pytest.mark.parametrize("experts", [4, 1])
+def test_the_upcycled_moe_twin_computes_what_its_dense_model_computes(experts):
     """benchmarks.oneshot_moe compares pruning SmolLM2 with pruning its MoE twin: a fair
-    race only if the unpruned twin computes the same (top-2 weights sum to one)."""
+    race only if the unpruned twin computes the same (top-2 weights sum to one; one
+    expert gets all of every token)."""
     from benchmarks.oneshot import tiny_llama
     from benchmarks.oneshot_moe import upcycle
 
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     llama, calibration, _ = tiny_llama()
-    twin = upcycle(llama, experts=4)
+    twin = upcycle(llama, experts=experts)
     bank = twin.model.layers[0].mlp.experts
-    assert tuple(bank.gate_up_proj.shape) == (4, 2 * 128, 64) and bank.gate_up_proj.is_contiguous()
+    assert tuple(bank.gate_up_proj.shape) == (experts, 2 * 128, 64)
+    assert bank.gate_up_proj.is_contiguous()
     with torch.no_grad():
         want, got = llama(calibration[0]).logits, twin(calibration[0]).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

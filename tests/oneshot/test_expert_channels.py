@@ -16,7 +16,7 @@ from prunekit.oneshot.expert_channels import prune_expert_channels
 from prunekit.oneshot.experts import unfused_experts
 from tests.helpers import assert_unchanged, snapshot
 from tests.oneshot.test_expert_drop import ROUTED
-from tests.oneshot.test_experts import COMMON, banks, batches, moe
+from tests.oneshot.test_experts import COMMON, assert_loads_back, banks, batches, moe
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,10 +71,7 @@ def test_the_config_follows_and_a_saved_model_loads_back(tmp_path):
     model, data = moe("qwen2_moe"), batches()
     prune_expert_channels(model, data, keep=0.5)
     assert model.config.moe_intermediate_size == 8 and model.config.intermediate_size == 64
-    model.save_pretrained(tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**data[0]).logits, model(**data[0]).logits)
+    assert_loads_back(model, tmp_path, data[0])
 
 
 def test_narrowing_then_pruning_the_experts_left():
@@ -89,7 +86,7 @@ def test_narrowing_then_pruning_the_experts_left():
 @pytest.mark.parametrize(("keep", "error", "message"), [
     (0, ConfigError, r"keeps 0 of 64 channels per expert"),
     (65, ConfigError, r"keeps 65 of 64"),
-    (None, ConfigTypeError, r"keep must be an int \(channels\) or a fraction, got None"),
+    (None, ConfigTypeError, r"keep must be an int \(channels per expert\) or a fraction, got None"),
 ])
 def test_bad_keep_is_refused_before_any_change(keep, error, message):
     model = moe("mixtral")

@@ -78,6 +78,14 @@ def call_order(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[s
     return order
 
 
+def assert_loads_back(model: torch.nn.Module, folder, batch: dict[str, torch.Tensor]) -> None:
+    """``model`` saved and loaded back from its own config computes the same."""
+    model.save_pretrained(folder)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
 def banks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if is_expert_bank(m)}
 

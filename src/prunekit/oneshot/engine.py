@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit._glibc import glibc_function
-from prunekit.errors import ConfigError, UnsupportedError
+from prunekit.errors import ConfigError, PruneKitError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
 from prunekit.oneshot.experts import ParallelLayers
@@ -41,6 +41,7 @@ __all__ = [
     "capture_inputs",
     "inference_context",
     "release_free_heap",
+    "run_batches",
     "run_sequential",
 ]
 
@@ -102,6 +103,21 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def run_batches(model: nn.Module, batches: Sequence[Any]) -> None:
+    """Run every batch through ``model`` in ``inference_context`` (for the hooks a
+    caller set); a failing forward raises ``ConfigError`` naming the batch, prunekit's
+    own errors (raised by a hook) pass through."""
+    with inference_context(model):
+        for i, batch in enumerate(batches):
+            try:
+                call_model(model, batch)
+            except PruneKitError:
+                raise
+            except Exception as err:
+                raise ConfigError(f"calibration batch {i}: the model's forward failed: "
+                                  f"{type(err).__name__}: {err}") from err
 
 
 @contextmanager

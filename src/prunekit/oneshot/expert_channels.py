@@ -14,16 +14,20 @@ zeroed (tested), with smaller products.
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
-from prunekit.oneshot.engine import call_model, inference_context
-from prunekit.oneshot.experts import expert_banks, routed_layout, unfused_experts
+from prunekit.errors import ConfigError, UnsupportedError
+from prunekit.oneshot.engine import run_batches
+from prunekit.oneshot.experts import (
+    expert_banks,
+    kept_count,
+    routed_layout,
+    unfused_experts,
+)
 
 __all__ = ["prune_expert_channels"]
 
@@ -45,17 +49,6 @@ def _width_attr(model: nn.Module, width: int) -> str | None:
     return next((a for a in _WIDTH_ATTRS if getattr(config, a, None) == width), None)
 
 
-def _count(keep: Any, width: int) -> int:
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ConfigTypeError(f"prune_expert_channels: keep must be an int (channels) or a "
-                              f"fraction, got {keep!r}")
-    count = int(keep) if isinstance(keep, numbers.Integral) else round(float(keep) * width)
-    if not 1 <= count <= width:
-        raise ConfigError(f"prune_expert_channels: keep={keep!r} keeps {count} of {width} "
-                          "channels per expert; need at least 1 and at most all")
-    return count
-
-
 def _scores(model: nn.Module, batches: list[Any]) -> dict[str, torch.Tensor]:
     """Per bank, ``experts x width`` channel scores from one pass over the batches."""
     with unfused_experts(model) as swapped:
@@ -69,13 +62,7 @@ def _scores(model: nn.Module, batches: list[Any]) -> dict[str, torch.Tensor]:
                     sums[fqn][e] += x.square().sum(0).cpu()
                 handles.append(layer.register_forward_pre_hook(hook))
         try:
-            with inference_context(model):
-                for i, batch in enumerate(batches):
-                    try:
-                        call_model(model, batch)
-                    except Exception as err:
-                        raise ConfigError(f"calibration batch {i}: the model's forward "
-                                          f"failed: {type(err).__name__}: {err}") from err
+            run_batches(model, batches)
         finally:
             for handle in handles:
                 handle.remove()
@@ -163,7 +150,7 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
     batches = list(calibration_batches)
     if not batches:
         raise ConfigError("prune_expert_channels: no calibration batches; give at least one")
-    count = _count(keep, width)
+    count = kept_count("prune_expert_channels", keep, width, 1, "channels per expert")
     attr = _width_attr(model, width)
     if attr is not None:
         _check_config_follows(model, dict(banks), attr, count)

@@ -18,7 +18,6 @@ bank keeps the same number of experts, so the model's config describes it again 
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,8 +25,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
-from prunekit.oneshot.engine import call_model, inference_context
-from prunekit.oneshot.experts import expert_banks, routed_layout
+from prunekit.oneshot.engine import run_batches
+from prunekit.oneshot.experts import expert_banks, kept_count, routed_layout
 
 __all__ = ["drop_experts"]
 
@@ -62,17 +61,6 @@ def _router(model: nn.Module, fqn: str, bank: nn.Module) -> tuple[str, nn.Module
     raise UnsupportedError(f"{where}: no linear router (weight of {experts} rows) beside it")
 
 
-def _keep_count(keep: Any, experts: int, top_k: int) -> int:
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise ConfigTypeError(f"drop_experts: keep must be an int (experts) or a fraction, "
-                              f"got {keep!r}")
-    count = int(keep) if isinstance(keep, numbers.Integral) else round(float(keep) * experts)
-    if not top_k <= count <= experts:
-        raise ConfigError(f"drop_experts: keep={keep!r} keeps {count} of {experts} experts; "
-                          f"need between top-k ({top_k}) and {experts}")
-    return count
-
-
 def _usage(model: nn.Module, routers: dict[str, nn.Module], batches: list[Any]
            ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per router, the routing weight it gave each expert over the batches."""
@@ -92,15 +80,7 @@ def _usage(model: nn.Module, routers: dict[str, nn.Module], batches: list[Any]
     handles = [r.register_forward_hook(lambda m, a, o, fqn=fqn: record(fqn, m, a, o))
                for fqn, r in routers.items()]
     try:
-        with inference_context(model):
-            for i, batch in enumerate(batches):
-                try:
-                    call_model(model, batch)
-                except UnsupportedError:
-                    raise
-                except Exception as err:
-                    raise ConfigError(f"calibration batch {i}: the model's forward failed: "
-                                      f"{type(err).__name__}: {err}") from err
+        run_batches(model, batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -148,7 +128,7 @@ def drop_experts(model: nn.Module, calibration_batches: Iterable[Any], keep: int
                                "must have as many for the config to describe the result")
     experts = sizes.pop()
     top_k = max(int(getattr(r, "top_k", 1)) for r in routers.values())
-    count = _keep_count(keep, experts, top_k)
+    count = kept_count("drop_experts", keep, experts, top_k, "experts")
     mass = _usage(model, routers, batches)
     config = getattr(model, "config", None)
     kept_by_bank: dict[str, list[int]] = {}

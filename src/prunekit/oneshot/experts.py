@@ -19,13 +19,15 @@ are written back into the bank and the bank returns.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.errors import UnsupportedError
+from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
 from prunekit.fqn import fqn_to_module
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "expand_parallel",
     "expert_banks",
     "is_expert_bank",
+    "kept_count",
     "routed_layout",
     "routing_gates",
     "unfused",
@@ -221,6 +224,19 @@ def routing_gates(block: nn.Module) -> set[int]:
             gates |= {id(c) for c in children if isinstance(c, nn.Linear)
                       and c.out_features in (len(bank.ups), 1)}
     return gates
+
+
+def kept_count(where: str, keep: Any, total: int, least: int, unit: str) -> int:
+    """How many of ``total`` ``unit``s ``keep`` keeps: an int is a count, a float a
+    fraction; refused unless between ``least`` and ``total``."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise ConfigTypeError(f"{where}: keep must be an int ({unit}) or a fraction, got "
+                              f"{keep!r}")
+    count = int(keep) if isinstance(keep, numbers.Integral) else round(float(keep) * total)
+    if not least <= count <= total:
+        raise ConfigError(f"{where}: keep={keep!r} keeps {count} of {total} {unit}; need "
+                          f"between {least} and {total}")
+    return count
 
 
 def expand_parallel(model: nn.Module, names: list[str]) -> list[str]:

@@ -125,6 +125,13 @@ def test_a_model_as_wide_as_its_experts_is_narrowed():
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
 
 
+def test_batches_that_are_not_a_list_of_batches_are_refused():
+    with pytest.raises(ConfigTypeError, match=r"must be a list of batches, got Tensor"):
+        prune_expert_channels(moe("mixtral"), torch.randint(0, 96, (2, 16)), keep=0.5)
+    with pytest.raises(ConfigError, match=r"prune_expert_channels: no calibration batches"):
+        prune_expert_channels(moe("mixtral"), [], keep=0.5)
+
+
 def test_llama4_and_dense_models_are_refused():
     with pytest.raises(UnsupportedError, match=r"narrowing needs a bank declared through"):
         prune_expert_channels(moe("llama4"), batches(), keep=0.5)

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit._glibc import glibc_function
-from prunekit.errors import ConfigError, PruneKitError, UnsupportedError
+from prunekit.errors import ConfigError, ConfigTypeError, PruneKitError, UnsupportedError
 from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
 from prunekit.oneshot.experts import ParallelLayers
@@ -37,6 +37,7 @@ from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = [
     "BlockInput",
+    "batch_list",
     "call_model",
     "capture_inputs",
     "inference_context",
@@ -103,6 +104,18 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def batch_list(where: str, batches: Any) -> list[Any]:
+    """``batches`` as a non-empty list; a lone tensor, dict or string is refused (a
+    list of one was meant, and iterating it would split it)."""
+    if batches is None or isinstance(batches, (torch.Tensor, dict, str)):
+        raise ConfigTypeError(f"{where}: calibration_batches must be a list of batches, got "
+                              f"{type(batches).__name__}; wrap one batch in a list")
+    listed = list(batches)
+    if not listed:
+        raise ConfigError(f"{where}: no calibration batches; give at least one")
+    return listed
 
 
 def run_batches(model: nn.Module, batches: Sequence[Any]) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, UnsupportedError
-from prunekit.oneshot.engine import run_batches
+from prunekit.errors import UnsupportedError
+from prunekit.oneshot.engine import batch_list, run_batches
 from prunekit.oneshot.experts import (
     expert_banks,
     kept_count,
@@ -132,8 +132,8 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
     concatenated or interleaved gate/up, transposed, with biases) are narrowed; the
     config's ``moe_intermediate_size`` (or ``intermediate_size``) follows; if that entry
     also sizes other layers (checked by building the model from the changed config on
-    the meta device), the call is refused. Everything is checked, and the batches run, before any
-    weight changes.
+    the meta device), the call is refused. Everything is checked, and the batches run,
+    before any weight changes.
     """
     banks = expert_banks(model)
     if not banks:
@@ -147,9 +147,7 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
     if len(widths) != 1:
         raise UnsupportedError(f"prune_expert_channels: banks of widths {sorted(widths)}")
     width = widths.pop()
-    batches = list(calibration_batches)
-    if not batches:
-        raise ConfigError("prune_expert_channels: no calibration batches; give at least one")
+    batches = batch_list("prune_expert_channels", calibration_batches)
     count = kept_count("prune_expert_channels", keep, width, 1, "channels per expert")
     attr = _width_attr(model, width)
     if attr is not None:

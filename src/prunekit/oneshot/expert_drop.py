@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
-from prunekit.oneshot.engine import run_batches
+from prunekit.errors import UnsupportedError
+from prunekit.oneshot.engine import batch_list, run_batches
 from prunekit.oneshot.experts import expert_banks, kept_count, routed_layout
 
 __all__ = ["drop_experts"]
@@ -115,12 +115,7 @@ def drop_experts(model: nn.Module, calibration_batches: Iterable[Any], keep: int
     banks = expert_banks(model)
     if not banks:
         raise UnsupportedError(f"drop_experts: {type(model).__name__} has no expert bank")
-    if isinstance(calibration_batches, (torch.Tensor, dict, str)):
-        raise ConfigTypeError("drop_experts: calibration_batches must be a list of batches; "
-                              "wrap one batch in a list")
-    batches = list(calibration_batches)
-    if not batches:
-        raise ConfigError("drop_experts: no calibration batches; give at least one")
+    batches = batch_list("drop_experts", calibration_batches)
     routers = dict(_router(model, fqn, bank) for fqn, bank in banks)
     sizes = {bank.down_proj.shape[0] for _, bank in banks}
     if len(sizes) != 1:

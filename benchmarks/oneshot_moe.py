@@ -95,23 +95,24 @@ def measure(run: Run, quick: bool, threads: int, calib_seqs: int, experts: int,
     return row
 
 
-CHANNEL_RUNS = [(kind, keep) for keep in (0.75, 0.5) for kind in ("SmolLM2", "MoE")]
+CHANNEL_RUNS = [(kind, keep, score) for keep in (0.75, 0.5) for kind in ("SmolLM2", "MoE")
+                for score in ("activation", "wanda")]
 
 
-def narrow(run: tuple[str, float], quick: bool, threads: int, calib_seqs: int, experts: int,
-           dense: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+def narrow(run: tuple[str, float, str], quick: bool, threads: int, calib_seqs: int,
+           experts: int, dense: dict[str, float]) -> dict[str, Any]:  # fmt: skip
     """``prune_expert_channels`` on the twin (or the one-expert twin): perplexity, time."""
     torch.set_num_threads(threads)
-    kind, keep = run
+    kind, keep, score = run
     model, calib, held_out = _setup(quick, calib_seqs)
     twin = upcycle(model, experts if kind == "MoE" else 1)
     start = time.perf_counter()
-    prunekit.prune_expert_channels(twin, calib, keep=keep)
+    prunekit.prune_expert_channels(twin, calib, keep=keep, score=score)
     seconds = time.perf_counter() - start
     ppl = perplexity(twin, held_out)
     bank = twin.model.layers[0].mlp.experts
     row = {"model": kind, "experts": bank.down_proj.shape[0], "width kept": f"{keep:.0%}",
-           "expert width": bank.down_proj.shape[2], "perplexity": ppl,
+           "score": score, "expert width": bank.down_proj.shape[2], "perplexity": ppl,
            "x dense": ppl / dense["SmolLM2"], "prune s": seconds}
     print(row, flush=True)
     return row

@@ -48,7 +48,8 @@ def test_the_narrowed_model_computes_what_the_masked_one_computes(arch):
     assert bank.down_proj.shape[1 if bank.is_transposed else 2] == width // 4
 
 
-def test_each_expert_keeps_the_channels_that_add_most_to_its_output():
+@pytest.mark.parametrize("score", ["activation", "wanda"])
+def test_each_expert_keeps_its_best_scored_channels(score):
     model, data = moe("mixtral"), batches()
     bank = model.model.layers[0].mlp.experts
     sums = torch.zeros(4, bank.down_proj.shape[2], dtype=torch.float64)
@@ -61,8 +62,10 @@ def test_each_expert_keeps_the_channels_that_add_most_to_its_output():
             layer.register_forward_pre_hook(functools.partial(record, e))
         for batch in data:
             model(**batch)
-    scores = sums.sqrt() * bank.down_proj.detach().double().norm(dim=1)
-    kept = prune_expert_channels(model, data, keep=8)["model.layers.0.mlp.experts"]
+    scores = sums.sqrt()
+    if score == "wanda":
+        scores = scores * bank.down_proj.detach().double().norm(dim=1)
+    kept = prune_expert_channels(model, data, keep=8, score=score)["model.layers.0.mlp.experts"]
     assert kept == [sorted(s.topk(8).indices.tolist()) for s in scores]
     assert len({tuple(k) for k in kept}) > 1  # each expert its own channels
 
@@ -83,16 +86,19 @@ def test_narrowing_then_pruning_the_experts_left():
     assert model.model.layers[0].mlp.experts.down_proj.shape == (3, 32, 32)
 
 
-@pytest.mark.parametrize(("keep", "error", "message"), [
-    (0, ConfigError, r"keeps 0 of 64 channels per expert"),
-    (65, ConfigError, r"keeps 65 of 64"),
-    (None, ConfigTypeError, r"keep must be an int \(channels per expert\) or a fraction, got None"),
+@pytest.mark.parametrize(("arguments", "error", "message"), [
+    ({"keep": 0}, ConfigError, r"keeps 0 of 64 channels per expert"),
+    ({"keep": 65}, ConfigError, r"keeps 65 of 64"),
+    ({"keep": None}, ConfigTypeError,
+     r"keep must be an int \(channels per expert\) or a fraction, got None"),
+    ({"keep": 0.5, "score": "norm"}, ConfigError,
+     r"score must be one of \('activation', 'wanda'\), got 'norm'"),
 ])
-def test_bad_keep_is_refused_before_any_change(keep, error, message):
+def test_bad_arguments_are_refused_before_any_change(arguments, error, message):
     model = moe("mixtral")
     before = snapshot(model)
     with pytest.raises(error, match=message):
-        prune_expert_channels(model, batches(), keep=keep)
+        prune_expert_channels(model, batches(), **arguments)
     assert_unchanged(before, model)
 
 

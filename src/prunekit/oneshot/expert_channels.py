@@ -3,12 +3,16 @@
 An expert is a gated MLP; its intermediate channel ``j`` is row ``j`` of the gate and of
 the up projection and column ``j`` of the down projection. ``prune_expert_channels``
 runs the calibration batches once through the experts (unfused, see ``experts``), scores
-each channel of each expert by the norm of its activations times the norm of its down
-projection column (``‖x_j‖₂ · ‖W_down[:, j]‖₂``, the structured Wanda score: the size of
-what the channel adds to the output), keeps the best ``keep`` of every expert (the same
-count everywhere, each expert its own channels) and slices the bank's 3-D weights. The
-result computes exactly what the model computes with the dropped channels' down columns
-zeroed (tested), with smaller products.
+each channel of each expert on the tokens routed to it, keeps the best ``keep`` of every
+expert (the same count everywhere, each expert its own channels) and slices the bank's
+3-D weights. The result computes exactly what the model computes with the dropped
+channels' down columns zeroed (tested), with smaller products.
+
+Scores: ``"activation"`` (default), the channel's activation norm ``‖x_j‖₂``; ``"wanda"``,
+that times its down column's norm ``‖W_down[:, j]‖₂`` (the structured Wanda score, the
+size of what the channel adds to the output if its inputs were independent). On SmolLM2
+and its upcycled MoE twin the activation norm alone lost 2-9% less perplexity in all
+four settings measured (``benchmarks/results/oneshot_moe_channels.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import UnsupportedError
+from prunekit.errors import ConfigError, UnsupportedError
 from prunekit.oneshot.engine import batch_list, run_batches
 from prunekit.oneshot.experts import (
     expert_banks,
@@ -49,7 +53,10 @@ def _width_attr(model: nn.Module, width: int) -> str | None:
     return next((a for a in _WIDTH_ATTRS if getattr(config, a, None) == width), None)
 
 
-def _scores(model: nn.Module, batches: list[Any]) -> dict[str, torch.Tensor]:
+SCORES = ("activation", "wanda")
+
+
+def _scores(model: nn.Module, batches: list[Any], score: str) -> dict[str, torch.Tensor]:
     """Per bank, ``experts x width`` channel scores from one pass over the batches."""
     with unfused_experts(model) as swapped:
         sums = {fqn: torch.zeros(len(layers.down_proj), layers.down_proj[0].in_features,
@@ -66,6 +73,8 @@ def _scores(model: nn.Module, batches: list[Any]) -> dict[str, torch.Tensor]:
         finally:
             for handle in handles:
                 handle.remove()
+        if score == "activation":
+            return {fqn: total.sqrt() for fqn, total in sums.items()}
         return {fqn: sums[fqn].sqrt() * torch.stack(
                     [layer.weight.detach().double().norm(dim=0).cpu()
                      for layer in layers.down_proj])
@@ -124,9 +133,11 @@ def _slice(bank: nn.Module, name: str, index: list[torch.Tensor], dim: int) -> N
 
 
 def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
-                          keep: int | float) -> dict[str, list[list[int]]]:  # fmt: skip
+                          keep: int | float, score: str = "activation"
+                          ) -> dict[str, list[list[int]]]:  # fmt: skip
     """Keep ``keep`` (a count, or a fraction) intermediate channels in every expert of
-    every bank, in place; returns ``{bank fqn: [kept channels of expert 0, ...]}``.
+    every bank, in place, the best by ``score`` (``"activation"`` or ``"wanda"``, see the
+    module docstring); returns ``{bank fqn: [kept channels of expert 0, ...]}``.
 
     Banks declared through transformers' ``use_experts_implementation`` (gated or not,
     concatenated or interleaved gate/up, transposed, with biases) are narrowed; the
@@ -135,6 +146,9 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
     the meta device), the call is refused. Everything is checked, and the batches run,
     before any weight changes.
     """
+    if score not in SCORES:
+        raise ConfigError(f"prune_expert_channels: score must be one of {SCORES}, got "
+                          f"{score!r}")
     banks = expert_banks(model)
     if not banks:
         raise UnsupportedError(f"prune_expert_channels: {type(model).__name__} has no expert "
@@ -152,7 +166,7 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
     attr = _width_attr(model, width)
     if attr is not None:
         _check_config_follows(model, dict(banks), attr, count)
-    scores = _scores(model, batches)
+    scores = _scores(model, batches, score)
     kept: dict[str, list[list[int]]] = {}
     with torch.no_grad():
         for fqn, bank in banks:

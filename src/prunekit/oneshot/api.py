@@ -16,7 +16,12 @@ from prunekit.fqn import fqn_to_module
 from prunekit.linear_like import LAYER_KINDS, in_features, is_conv1d
 from prunekit.oneshot.blocks import Blocks, resolve_blocks, resolve_layers
 from prunekit.oneshot.dense_targets import DenseStream
-from prunekit.oneshot.engine import capture_inputs, inference_context, run_sequential
+from prunekit.oneshot.engine import (
+    batch_list,
+    capture_inputs,
+    inference_context,
+    run_sequential,
+)
 from prunekit.oneshot.experts import expand_parallel, unfused_experts
 from prunekit.parametrization import original_tensor
 from prunekit.sparsifier._checks import check_level
@@ -92,14 +97,8 @@ def _check_token_ids(i: int, ids: torch.Tensor, vocab: int) -> None:
 def _check_batches(model: nn.Module, batches: Any, method: str) -> list[Any]:
     if batches is None and method == "magnitude":
         return []
-    if batches is None or isinstance(batches, (torch.Tensor, dict, str)):
-        raise ConfigTypeError(
-            f"oneshot(method={method!r}): calibration_batches must be a list of batches (a "
-            f"tensor, dict or tuple each), got {type(batches).__name__}; wrap one batch in a list"
-        )
-    batches = list(batches)
-    if not batches and method != "magnitude":
-        raise ConfigError(f"oneshot(method={method!r}): no calibration batches; give at least one")
+    batches = batch_list(f"oneshot(method={method!r})", batches,
+                         allow_empty=method == "magnitude")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for i, batch in enumerate(batches):
         if not isinstance(batch, (torch.Tensor, dict, tuple, list)):

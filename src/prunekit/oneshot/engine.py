@@ -106,14 +106,15 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def batch_list(where: str, batches: Any) -> list[Any]:
-    """``batches`` as a non-empty list; a lone tensor, dict or string is refused (a
-    list of one was meant, and iterating it would split it)."""
+def batch_list(where: str, batches: Any, allow_empty: bool = False) -> list[Any]:
+    """``batches`` as a list, non-empty unless ``allow_empty``; a lone tensor, dict or
+    string is refused (a list of one was meant, and iterating it would split it)."""
     if batches is None or isinstance(batches, (torch.Tensor, dict, str)):
         raise ConfigTypeError(f"{where}: calibration_batches must be a list of batches, got "
-                              f"{type(batches).__name__}; wrap one batch in a list")
+                              f"{type(batches).__name__} (each batch a tensor, dict or "
+                              "tuple); wrap one batch in a list")
     listed = list(batches)
-    if not listed:
+    if not listed and not allow_empty:
         raise ConfigError(f"{where}: no calibration batches; give at least one")
     return listed
 

@@ -18,6 +18,7 @@ four settings measured (``benchmarks/results/oneshot_moe_channels.md``).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +39,15 @@ __all__ = ["prune_expert_channels"]
 _WIDTH_ATTRS = ("moe_intermediate_size", "intermediate_size")
 
 
+def _channel_dims(bank: nn.Module) -> dict[str, int]:
+    """Each bank tensor holding intermediate channels, and the dim they lie along
+    (``experts x ...``): the up projection's outputs (twice as many rows when gated),
+    its bias, the down projection's inputs."""
+    up = "gate_up_proj" if bank.has_gate else "up_proj"
+    dims = {up: 2 if bank.is_transposed else 1, "down_proj": 1 if bank.is_transposed else 2}
+    return dims | ({f"{up}_bias": 1} if bank.has_bias else {})
+
+
 def _up_rows(bank: nn.Module, channels: torch.Tensor, width: int) -> torch.Tensor:
     """The rows of the up (or gate-and-up) projection that carry ``channels``."""
     if not bank.has_gate:
@@ -56,18 +66,19 @@ def _width_attr(model: nn.Module, width: int) -> str | None:
 SCORES = ("activation", "wanda")
 
 
+def _add_squares(total: torch.Tensor, _module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: add the squares of the layer's inputs, per feature, to ``total``."""
+    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    total.add_(x.square().sum(0).cpu())
+
+
 def _scores(model: nn.Module, batches: list[Any], score: str) -> dict[str, torch.Tensor]:
     """Per bank, ``experts x width`` channel scores from one pass over the batches."""
     with unfused_experts(model) as swapped:
         sums = {fqn: torch.zeros(len(layers.down_proj), layers.down_proj[0].in_features,
                                  dtype=torch.float64) for fqn, layers in swapped.items()}
-        handles = []
-        for fqn, layers in swapped.items():
-            for e, layer in enumerate(layers.down_proj):
-                def hook(_m: nn.Module, args: tuple, fqn: str = fqn, e: int = e) -> None:
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                    sums[fqn][e] += x.square().sum(0).cpu()
-                handles.append(layer.register_forward_pre_hook(hook))
+        handles = [layer.register_forward_pre_hook(functools.partial(_add_squares, sums[fqn][e]))
+                   for fqn, layers in swapped.items() for e, layer in enumerate(layers.down_proj)]
         try:
             run_batches(model, batches)
         finally:
@@ -84,13 +95,9 @@ def _scores(model: nn.Module, batches: list[Any], score: str) -> dict[str, torch
 def _narrowed_shape(bank: nn.Module, name: str, shape: torch.Size, count: int
                     ) -> tuple[int, ...]:  # fmt: skip
     """``shape`` of the bank tensor ``name`` once its experts keep ``count`` channels."""
-    dims = list(shape)
-    if name == "down_proj":
-        dims[1 if bank.is_transposed else 2] = count
-    elif name.endswith("_bias") and name != "down_proj_bias":
-        dims[1] = count * (2 if bank.has_gate else 1)
-    elif name in ("gate_up_proj", "up_proj"):
-        dims[2 if bank.is_transposed else 1] = count * (2 if bank.has_gate else 1)
+    dims, dim = list(shape), _channel_dims(bank).get(name)
+    if dim is not None:
+        dims[dim] = count * (2 if bank.has_gate and name != "down_proj" else 1)
     return tuple(dims)
 
 
@@ -157,7 +164,7 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
         if routed_layout(bank) is None:
             raise UnsupportedError(f"expert bank {fqn!r} ({type(bank).__name__}): narrowing "
                                    "needs a bank declared through use_experts_implementation")
-    widths = {bank.down_proj.shape[1 if bank.is_transposed else 2] for _, bank in banks}
+    widths = {bank.down_proj.shape[_channel_dims(bank)["down_proj"]] for _, bank in banks}
     if len(widths) != 1:
         raise UnsupportedError(f"prune_expert_channels: banks of widths {sorted(widths)}")
     width = widths.pop()
@@ -171,12 +178,9 @@ def prune_expert_channels(model: nn.Module, calibration_batches: Iterable[Any],
     with torch.no_grad():
         for fqn, bank in banks:
             channels = [s.topk(count).indices.sort().values for s in scores[fqn]]
-            up = "gate_up_proj" if bank.has_gate else "up_proj"
             rows = [_up_rows(bank, c, width) for c in channels]
-            _slice(bank, up, rows, 1 if bank.is_transposed else 0)
-            if bank.has_bias:
-                _slice(bank, f"{up}_bias", rows, 0)
-            _slice(bank, "down_proj", channels, 0 if bank.is_transposed else 1)
+            for name, dim in _channel_dims(bank).items():
+                _slice(bank, name, channels if name == "down_proj" else rows, dim - 1)
             for name in ("intermediate_dim", "intermediate_size", "expert_dim"):
                 if getattr(bank, name, None) == width:
                     setattr(bank, name, count)

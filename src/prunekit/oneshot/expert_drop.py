@@ -18,6 +18,7 @@ bank keeps the same number of experts, so the model's config describes it again 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,17 +34,17 @@ __all__ = ["drop_experts"]
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def _router(model: nn.Module, fqn: str, bank: nn.Module) -> tuple[str, nn.Module]:
-    """The linear router beside ``bank``: a sibling whose only tensors are ``weight``
-    (``experts x hidden``) and an optional ``bias`` (``experts``)."""
+def _router(model: nn.Module, fqn: str, bank: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(router, parent)``: the linear router beside ``bank`` (a sibling whose only
+    tensors are ``weight``, ``experts x hidden``, and an optional ``bias``, ``experts``)
+    and the module holding both."""
     where = f"expert bank {fqn!r} ({type(bank).__name__})"
     if routed_layout(bank) is None:
         raise UnsupportedError(f"{where}: dropping experts needs a bank declared through "
                                "transformers' use_experts_implementation")
-    parent_fqn = fqn.rpartition(".")[0]
-    parent = model.get_submodule(parent_fqn)
+    parent = model.get_submodule(fqn.rpartition(".")[0])
     experts = bank.down_proj.shape[0]
-    for name, child in parent.named_children():
+    for child in parent.children():
         weight = getattr(child, "weight", None)
         if child is bank or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
@@ -57,13 +58,14 @@ def _router(model: nn.Module, fqn: str, bank: nn.Module) -> tuple[str, nn.Module
                 f"{where}: its router {type(child).__name__} holds {extra or ['bias']} "
                 "besides a per-expert weight and bias; dropping experts would leave them "
                 "inconsistent")
-        return f"{parent_fqn}.{name}", child
+        return child, parent
     raise UnsupportedError(f"{where}: no linear router (weight of {experts} rows) beside it")
 
 
 def _usage(model: nn.Module, routers: dict[str, nn.Module], batches: list[Any]
            ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Per router, the routing weight it gave each expert over the batches."""
+    """Per bank (``routers``: bank fqn -> its router), the routing weight each of its
+    experts received over the batches."""
     mass = {fqn: torch.zeros(r.weight.shape[0], dtype=torch.float64) for fqn, r in
             routers.items()}
 
@@ -73,11 +75,12 @@ def _usage(model: nn.Module, routers: dict[str, nn.Module], batches: list[Any]
         scores = [p for p in parts if isinstance(p, torch.Tensor) and p.is_floating_point()
                   and indices and p.shape == indices[0].shape]
         if not (indices and scores):
-            raise UnsupportedError(f"router {fqn!r} returned no (scores, expert indices) pair")
+            raise UnsupportedError(f"the router of {fqn!r} returned no (scores, expert "
+                                   "indices) pair")
         mass[fqn].index_add_(0, indices[0].flatten().cpu(),
                              scores[0].detach().flatten().double().cpu())
 
-    handles = [r.register_forward_hook(lambda m, a, o, fqn=fqn: record(fqn, m, a, o))
+    handles = [r.register_forward_hook(functools.partial(record, fqn))
                for fqn, r in routers.items()]
     try:
         run_batches(model, batches)
@@ -94,6 +97,7 @@ def _take(module: nn.Module, name: str, kept: torch.Tensor) -> None:
 
 
 def _set_counts(objects: Iterable[Any], old: int, new: int) -> None:
+    """Set every expert-count attribute holding ``old`` to ``new`` (None objects skipped)."""
     for obj in objects:
         for attr in _COUNT_ATTRS:
             if getattr(obj, attr, None) == old:
@@ -116,7 +120,8 @@ def drop_experts(model: nn.Module, calibration_batches: Iterable[Any], keep: int
     if not banks:
         raise UnsupportedError(f"drop_experts: {type(model).__name__} has no expert bank")
     batches = batch_list("drop_experts", calibration_batches)
-    routers = dict(_router(model, fqn, bank) for fqn, bank in banks)
+    placed = {fqn: _router(model, fqn, bank) for fqn, bank in banks}
+    routers = {fqn: router for fqn, (router, _) in placed.items()}
     sizes = {bank.down_proj.shape[0] for _, bank in banks}
     if len(sizes) != 1:
         raise UnsupportedError(f"drop_experts: banks of {sorted(sizes)} experts; every bank "
@@ -128,17 +133,16 @@ def drop_experts(model: nn.Module, calibration_batches: Iterable[Any], keep: int
     config = getattr(model, "config", None)
     kept_by_bank: dict[str, list[int]] = {}
     with torch.no_grad():
-        for (fqn, bank), (router_fqn, router) in zip(banks, routers.items(), strict=True):
-            kept = mass[router_fqn].topk(count).indices.sort().values
+        for fqn, bank in banks:
+            router, parent = placed[fqn]
+            kept = mass[fqn].topk(count).indices.sort().values
             names = [n for n in ("gate_up_proj", "up_proj", "down_proj") if hasattr(bank, n)]
             for name in names + [f"{n}_bias" for n in names if bank.has_bias]:
                 _take(bank, name, kept)
             for name in ("weight", "bias"):
                 if getattr(router, name, None) is not None:
                     _take(router, name, kept)
-            parent = model.get_submodule(fqn.rpartition(".")[0])
             _set_counts([bank, router, parent, getattr(bank, "config", None)], experts, count)
             kept_by_bank[fqn] = kept.tolist()
-        _set_counts([c for c in (config, getattr(config, "text_config", None)) if c is not None],
-                    experts, count)
+        _set_counts([config, getattr(config, "text_config", None)], experts, count)
     return kept_by_bank

@@ -190,6 +190,12 @@ def expert_banks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return banks
 
 
+def _put(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    """Set ``module`` at ``fqn`` (a submodule's name) in ``model``."""
+    parent, _, child = fqn.rpartition(".")
+    setattr(fqn_to_module(model, parent) if parent else model, child, module)
+
+
 @contextmanager
 def unfused_experts(model: nn.Module) -> Iterator[dict[str, ExpertLayers]]:
     """Swap every expert bank of ``model`` for ``ExpertLayers`` while inside; yields
@@ -199,16 +205,13 @@ def unfused_experts(model: nn.Module) -> Iterator[dict[str, ExpertLayers]]:
     banks = expert_banks(model)
     try:
         for fqn, bank in banks:
-            parent, _, child = fqn.rpartition(".")
-            layers = unfused(bank)
-            setattr(fqn_to_module(model, parent) if parent else model, child, layers)
-            swapped[fqn] = layers
+            swapped[fqn] = unfused(bank)
+            _put(model, fqn, swapped[fqn])
         yield swapped
     finally:
         for fqn, layers in swapped.items():
             layers.write_back()
-            parent, _, child = fqn.rpartition(".")
-            setattr(fqn_to_module(model, parent) if parent else model, child, layers.bank)
+            _put(model, fqn, layers.bank)
 
 
 def routing_gates(block: nn.Module) -> set[int]:

@@ -12,8 +12,8 @@ import torch
 
 import prunekit
 from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
+from prunekit.experts import unfused_experts
 from prunekit.oneshot.expert_channels import prune_expert_channels
-from prunekit.oneshot.experts import unfused_experts
 from tests.helpers import assert_unchanged, snapshot
 from tests.oneshot.test_expert_drop import ROUTED
 from tests.oneshot.test_experts import COMMON, assert_loads_back, banks, batches, moe

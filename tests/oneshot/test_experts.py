@@ -11,15 +11,15 @@ import torch
 
 import prunekit
 from prunekit.errors import FqnError, UnsupportedError
-from prunekit.oneshot.blocks import resolve_blocks
-from prunekit.oneshot.engine import _stages, capture_inputs, inference_context
-from prunekit.oneshot.experts import (
+from prunekit.experts import (
     ExpertLayers,
     is_expert_bank,
     routing_gates,
     unfused,
     unfused_experts,
 )
+from prunekit.oneshot.blocks import resolve_blocks
+from prunekit.oneshot.engine import _stages, capture_inputs, inference_context
 from tests.oneshot.test_architectures import reference_wanda
 
 transformers = pytest.importorskip("transformers")
@@ -233,6 +233,15 @@ def test_layers_and_overrides_may_name_a_whole_projection_of_a_bank():
     assert achieved == {f"{down}.0": 0.75, f"{down}.1": 0.5, f"{down}.2": 0.75,
                         f"{down}.3": 0.75, "model.layers.1.mlp.experts.gate_up_proj.2": 0.5}
     assert type(model.model.layers[0].mlp.experts).__name__ == "MixtralExperts"
+
+
+def test_layers_may_name_a_whole_bank():
+    model = moe("olmoe")
+    bank = "model.layers.1.mlp.experts"
+    achieved = prunekit.oneshot(model, batches(), "wanda", progress=False, layers=[bank])
+    assert list(achieved) == ([f"{bank}.gate_up_proj.{e}" for e in range(4)]
+                              + [f"{bank}.down_proj.{e}" for e in range(4)])
+    assert not (model.model.layers[0].mlp.experts.down_proj == 0).any()
 
 
 def test_a_refused_call_leaves_the_banks_in_place_and_unchanged():

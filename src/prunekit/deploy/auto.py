@@ -6,6 +6,7 @@ deployed by ``auto`` is never slower than it was (up to timing noise).
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "capture_inputs",
+    "call",
+    "capture_args",
     "choose",
     "confirmed_speedup",
     "paired_samples",
@@ -32,20 +34,38 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def capture_inputs(
-    model: nn.Module, layers: dict[str, nn.Module], example_inputs: Any
-) -> dict[str, torch.Tensor]:
-    """The first input each layer in ``layers`` (``{fqn: module}``) sees on ``example_inputs``."""
-    seen: dict[str, torch.Tensor] = {}
+Args = tuple[Any, ...]  # the positional args of one call: what a module is timed on
+
+
+def call(module: nn.Module, x: torch.Tensor | Args) -> Any:
+    """``module`` on ``x``: one tensor, or a tuple of positional args."""
+    return module(*x) if isinstance(x, tuple) else module(x)
+
+
+def _is_cuda(x: torch.Tensor | Args) -> bool:
+    tensors = [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
+    return any(t.is_cuda for t in tensors)
+
+
+def capture_args(
+    model: nn.Module, modules: dict[str, nn.Module], example_inputs: Any
+) -> dict[str, Args]:
+    """The positional args (keywords bound to their positions) of the first call of each
+    module in ``modules`` (``{fqn: module}``) on ``example_inputs``."""
+    seen: dict[str, Args] = {}
 
     def hook_for(fqn: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if fqn not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[fqn] = args[0].detach()
+        def hook(module: nn.Module, args: Args, kwargs: dict[str, Any]) -> None:
+            if fqn in seen:
+                return
+            if kwargs:  # a bank called with keywords is timed with them in place
+                args = inspect.signature(module.forward).bind(*args, **kwargs).args
+            seen[fqn] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(fqn)) for fqn, m in layers.items()]
+    handles = [m.register_forward_pre_hook(hook_for(fqn), with_kwargs=True)
+               for fqn, m in modules.items()]
     try:
         with torch.inference_mode():
             run_model(model, example_inputs)
@@ -79,7 +99,7 @@ def _calls_per_sample(calls: list[Callable[[], Any]], sample_s: float, cuda: boo
 
 def time_candidates(
     candidates: dict[str, nn.Module],
-    x: torch.Tensor,
+    x: torch.Tensor | Args,
     budget_s: float = 0.1,
     sample_s: float = 0.02,
     min_samples: int = 5,
@@ -92,8 +112,8 @@ def time_candidates(
     samples are interleaved so load drift hits all candidates alike, and their number is
     ``budget_s / sample_s`` (at least ``min_samples``).
     """
-    cuda = x.is_cuda
-    calls = {name: (lambda m=m: m(x)) for name, m in candidates.items()}
+    cuda = _is_cuda(x)
+    calls = {name: (lambda m=m: call(m, x)) for name, m in candidates.items()}
     with torch.inference_mode():
         inner = _calls_per_sample(list(calls.values()), sample_s, cuda)
         samples = max(min_samples, int(budget_s / sample_s))
@@ -105,7 +125,8 @@ def time_candidates(
 
 
 def paired_samples(
-    base: nn.Module, other: nn.Module, x: torch.Tensor, blocks: int, sample_s: float = 0.02
+    base: nn.Module, other: nn.Module, x: torch.Tensor | Args, blocks: int,
+    sample_s: float = 0.02,
 ) -> tuple[list[float], list[float]]:
     """Seconds per call of ``base`` and of ``other`` in each of ``blocks`` ABBA blocks
     (base, other, other, base), timed back to back after one warm-up sample of each.
@@ -116,9 +137,9 @@ def paired_samples(
     flips between two modes; a block's mean cancels that, and drift slower than a block.
     Both run the same number of calls per sample, which the slower runs in about
     ``sample_s``."""
-    cuda = x.is_cuda
+    cuda = _is_cuda(x)
     with torch.inference_mode():
-        calls = [lambda m=model: m(x) for model in (base, other)]
+        calls = [lambda m=model: call(m, x) for model in (base, other)]
         inner = _calls_per_sample(calls, sample_s, cuda)
         _timed(calls[1], inner, cuda)
         _timed(calls[0], inner, cuda)  # every block now starts like the next one
@@ -132,8 +153,8 @@ def paired_samples(
     return times
 
 
-def confirmed_speedup(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, blocks: int = 3
-                      ) -> float:  # fmt: skip
+def confirmed_speedup(dense: nn.Module, sparse: nn.Module, x: torch.Tensor | Args,
+                      blocks: int = 3) -> float:  # fmt: skip
     """Median over ABBA blocks of ``time(dense) / time(sparse)``: a second, paired look at
     a layout the interleaved round picked, which a burst of load may have favoured."""
     dense_s, sparse_s = paired_samples(dense, sparse, x, blocks)

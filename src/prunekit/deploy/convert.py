@@ -10,11 +10,20 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from prunekit.deploy.auto import capture_inputs, choose, confirmed_speedup, time_candidates
+from prunekit.deploy.auto import Args, capture_args, choose, confirmed_speedup, time_candidates
+from prunekit.deploy.experts import (
+    bank_of,
+    check_deployable,
+    choose_bank,
+    deploy_banks,
+    split_choices,
+    stand_in_inputs,
+)
 from prunekit.deploy.layouts import LAYOUTS, Layout, check_float_weight
 from prunekit.deploy.modules import SparseConv1D, SparseConv1x1, SparseLinear, is_pointwise_conv
 from prunekit.deploy.report import DeployReport, LayerChoice
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+from prunekit.experts import ExpertLayers, expand_parallel, put_module, unfused_experts
 from prunekit.linear_like import is_conv1d
 from prunekit.parametrization import deepcopy_model
 
@@ -49,7 +58,7 @@ def _targets(model: nn.Module, modules: Iterable[str] | None) -> dict[str, nn.Mo
     if modules is None:
         return {fqn: m for fqn, m in named.items() if fqn and _kind(m) is not None}
     targets = {}
-    for fqn in modules:
+    for fqn in expand_parallel(model, list(modules)):
         if fqn not in named or not fqn:
             raise FqnError(
                 f"to_sparse: modules names {fqn!r}, which is not a submodule of the model"
@@ -158,27 +167,59 @@ def _fitting_candidates(
     return candidates, skipped
 
 
+def _layer_inputs(captured: dict[str, Args], targets: dict[str, nn.Module]
+                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Each target's first input tensor, from its captured args."""
+    return {fqn: args[0] for fqn, args in captured.items()
+            if fqn in targets and args and isinstance(args[0], torch.Tensor)}
+
+
 def _auto(
     model: nn.Module,
     targets: dict[str, nn.Module],
     example_inputs: Any,
     blocksize: tuple[int, int] | None,
     margin: float,
+    banks: dict[str, ExpertLayers],
 ) -> tuple[dict[str, nn.Module], DeployReport]:
-    inputs = capture_inputs(model, targets, example_inputs)
+    captured = capture_args(model, {**targets, **banks}, example_inputs)
+    inputs = _layer_inputs(captured, targets)
+    unreached = stand_in_inputs(inputs, banks)
     new, report = {}, DeployReport()
+    options: dict[str, dict[str, dict[str, nn.Module]]] = {bank: {} for bank in banks}
+    last = {bank_of(fqn, banks): fqn for fqn in targets}  # a bank's experts are consecutive
     for fqn, module in targets.items():
-        if fqn not in inputs:
-            report.layers.append(_choice(fqn, module, "dense", "not called by example_inputs"))
-            continue
-        candidates, skipped = _fitting_candidates(fqn, module, blocksize, inputs[fqn])
-        times = time_candidates(candidates, inputs[fqn])
-        best, reason = choose(times, margin)
-        if best != "dense":
-            best, reason = _confirm(candidates, best, reason, inputs[fqn], margin)
-        new[fqn] = candidates[best]
-        report.layers.append(_choice(fqn, module, best, reason, times, skipped))
+        bank = bank_of(fqn, banks)
+        if fqn in inputs:
+            new[fqn], choice, candidates = _auto_layer(fqn, module, inputs[fqn], blocksize,
+                                                       margin, confirm=bank is None)
+            if fqn in unreached:
+                choice.reason = f"{unreached[fqn]}: {choice.reason}"
+            if bank is not None:
+                options[bank][fqn] = candidates
+        else:
+            why = unreached.get(fqn, "not called by example_inputs")
+            choice = _choice(fqn, module, "dense", why)
+        report.layers.append(choice)
+        if bank is not None and last[bank] == fqn and options[bank]:  # the bank decides
+            picks = {f: new[f] for f in options[bank]}
+            kept = choose_bank(bank, banks[bank], options.pop(bank), picks, captured[bank],
+                               report, margin)
+            new.update({f: kept.get(f, targets[f]) for f in picks})
     return new, report
+
+
+def _auto_layer(fqn: str, module: nn.Module, x: torch.Tensor, blocksize: tuple[int, int] | None,
+                margin: float, confirm: bool
+                ) -> tuple[nn.Module, LayerChoice, dict[str, nn.Module]]:  # fmt: skip
+    """The fastest fitting layout for one layer on ``x`` (``confirm``: checked in paired
+    timing), its report line, and every fitting candidate."""
+    candidates, skipped = _fitting_candidates(fqn, module, blocksize, x)
+    times = time_candidates(candidates, x)
+    best, reason = choose(times, margin)
+    if best != "dense" and confirm:
+        best, reason = _confirm(candidates, best, reason, x, margin)
+    return candidates[best], _choice(fqn, module, best, reason, times, skipped), candidates
 
 
 def _confirm(
@@ -194,10 +235,8 @@ def _confirm(
 
 def _replace(model: nn.Module, new: dict[str, nn.Module]) -> None:
     for fqn, module in new.items():
-        parent_fqn, _, name = fqn.rpartition(".")
-        parent = model.get_submodule(parent_fqn) if parent_fqn else model
-        if getattr(parent, name) is not module:
-            setattr(parent, name, module)
+        if model.get_submodule(fqn) is not module:
+            put_module(model, fqn, module)
 
 
 def _check_args(layout: str, example_inputs: Any, margin: float) -> None:
@@ -239,7 +278,7 @@ def to_sparse(
     inplace: bool = False,
 ) -> nn.Module:
     """Replace sparse ``nn.Linear``, transformers' ``Conv1D`` and pointwise ``nn.Conv2d``
-    layers for faster inference.
+    layers, and the experts of transformers' expert banks, for faster inference.
 
     ``layout`` is ``"auto"`` (time every fitting layout on the layer's input from
     ``example_inputs``; keep a sparse one only if it beats dense by ``margin``) or a name in
@@ -248,6 +287,9 @@ def to_sparse(
     considered. Blocks (BSR, row blocks) come from ``blocksize`` (of the ``out x in``
     matrix), else ``module.sparse_params["sparse_block_shape"]`` (of the weight as stored:
     transposed for a Conv1D), else the zeros' own block structure.
+    Each expert of a bank (``prunekit.experts``) is a layer (``...experts.down_proj.3``;
+    ``modules`` may name a projection or a bank); ``auto`` decides per bank, timing whole
+    banks on their own inputs (``prunekit.deploy.experts``).
     Returns the model (a copy unless ``inplace``) with ``model.deploy_report`` saying what
     each layer got and why; on any error the model is left unchanged.
 
@@ -260,14 +302,18 @@ def to_sparse(
     """
     _check_args(layout, example_inputs, margin)
     work = model if inplace else deepcopy_model(model)
-    found = _targets(work, modules)
-    order = list(found)
-    targets, report = _with_zeros(found, explicit=modules is not None)
-    if layout == "auto":
-        new, chosen = _auto(work, targets, example_inputs, blocksize, margin)
-    else:
-        new, chosen = _fixed(targets, layout, blocksize)
-    _replace(work, new)
+    with unfused_experts(work) as banks:  # every expert an nn.Linear while choosing
+        found = _targets(work, modules)
+        check_deployable(banks, found)
+        order = list(found)
+        targets, report = _with_zeros(found, explicit=modules is not None)
+        if layout == "auto":
+            new, chosen = _auto(work, targets, example_inputs, blocksize, margin, banks)
+        else:
+            new, chosen = _fixed(targets, layout, blocksize)
+        outside, per_bank = split_choices(new, targets, banks)
+    _replace(work, outside)
+    deploy_banks(work, banks, per_bank)
     layers = sorted(report.layers + chosen.layers, key=lambda c: order.index(c.fqn))
     work.deploy_report = DeployReport(layers)
     return work

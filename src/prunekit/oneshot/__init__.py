@@ -3,10 +3,10 @@
 ``prunekit.oneshot(model, batches, method=...)`` is the one-call entry point (the name
 ``prunekit.oneshot`` is that function; import the helpers of this package with
 ``from prunekit.oneshot.<module> import ...``). ``blocks`` finds the stack of blocks
-to prune one after another, ``engine`` runs them, ``experts`` unfuses mixture-of-experts
-banks, ``expert_drop`` removes whole experts (``prunekit.drop_experts``), ``expert_channels``
-narrows them (``prunekit.prune_expert_channels``), ``data`` loads
-the real model and text used by the benchmark and the slow tests.
+to prune one after another, ``engine`` runs them (mixture-of-experts banks unfused by
+``prunekit.experts``), ``expert_drop`` removes whole experts (``prunekit.drop_experts``),
+``expert_channels`` narrows them (``prunekit.prune_expert_channels``), ``data`` loads the
+real model and text used by the benchmark and the slow tests.
 """
 
 from prunekit.oneshot.api import METHODS, oneshot

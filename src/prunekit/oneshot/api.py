@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+from prunekit.experts import expand_parallel, unfused_experts
 from prunekit.fqn import fqn_to_module
 from prunekit.linear_like import LAYER_KINDS, in_features, is_conv1d
 from prunekit.oneshot.blocks import Blocks, resolve_blocks, resolve_layers
@@ -22,7 +23,6 @@ from prunekit.oneshot.engine import (
     inference_context,
     run_sequential,
 )
-from prunekit.oneshot.experts import expand_parallel, unfused_experts
 from prunekit.parametrization import original_tensor
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.admm import AdmmSparsifier

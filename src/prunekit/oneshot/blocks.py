@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
+from prunekit.experts import expand_parallel, routing_gates
 from prunekit.fqn import fqn_to_module, resolve_tensor_fqn
 from prunekit.linear_like import LAYER_KINDS, is_linear_like
-from prunekit.oneshot.experts import expand_parallel, routing_gates
 
 __all__ = ["find_decoder_stack", "resolve_blocks", "resolve_layers"]
 

@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from prunekit._glibc import glibc_function
 from prunekit.errors import ConfigError, ConfigTypeError, PruneKitError, UnsupportedError
+from prunekit.experts import ParallelLayers
 from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
-from prunekit.oneshot.experts import ParallelLayers
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = [

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError, UnsupportedError
-from prunekit.oneshot.engine import batch_list, run_batches
-from prunekit.oneshot.experts import (
+from prunekit.experts import (
     expert_banks,
     kept_count,
     routed_layout,
     unfused_experts,
 )
+from prunekit.oneshot.engine import batch_list, run_batches
 
 __all__ = ["prune_expert_channels"]
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import UnsupportedError
+from prunekit.experts import expert_banks, kept_count, routed_layout
 from prunekit.oneshot.engine import batch_list, run_batches
-from prunekit.oneshot.experts import expert_banks, kept_count, routed_layout
 
 __all__ = ["drop_experts"]
 

@@ -1,4 +1,5 @@
-"""Mixture-of-experts banks as Linear layers, for the time of a one-shot pruning.
+"""Mixture-of-experts banks as Linear layers: for the time of a one-shot pruning, or for
+good once deployed.
 
 Hugging Face transformers (5.x) stores the experts of a mixture-of-experts block
 (Mixtral, Qwen MoE, OLMoE, GPT-OSS, DeepSeek, Llama 4, ...) as one module holding 3-D
@@ -14,7 +15,8 @@ the bank computes, so each expert is calibrated on exactly the tokens routed to 
 pruned like any Linear. It calls every expert's up projection before any down
 projection (each a ``ParallelLayers``), so the engine calibrates all experts of a
 projection together rather than in one stage per expert. On leaving, the layers' weights
-are written back into the bank and the bank returns.
+are written back into the bank and the bank returns. ``prunekit.deploy.to_sparse`` keeps
+an ``ExpertLayers`` for good (``own_weights``) where experts get sparse layouts.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "expert_banks",
     "is_expert_bank",
     "kept_count",
+    "put_module",
     "routed_layout",
     "routing_gates",
     "unfused",
@@ -100,8 +103,12 @@ def _linear_views(stacked: nn.Parameter, bias: nn.Parameter | None, transposed: 
 class ExpertLayers(nn.Module):
     """A bank's experts as ``nn.Linear`` layers (views of the bank's weights), named as
     the bank names its weights (``gate_up_proj.3``). Subclasses compute what the bank
-    computes; each calls every layer on every forward, on no rows if no token chose its
-    expert, so each forward calls the same layers in the same order."""
+    computes. While ``call_every_expert`` (the default), each forward calls every layer,
+    on no rows if no token chose its expert, so each forward calls the same layers in the
+    same order (the calibration engine relies on it); deployed, only the experts chosen
+    run."""
+
+    call_every_expert = True
 
     def __init__(self, bank: nn.Module) -> None:
         super().__init__()
@@ -117,19 +124,65 @@ class ExpertLayers(nn.Module):
     def ups(self) -> ParallelLayers:
         return getattr(self, self.up_name)
 
+    def _bank_tensors(self) -> list[tuple[str, str, str]]:
+        """``(bank tensor, projection, layer tensor)`` for each tensor the layers view."""
+        names = [(name, name, "weight") for name in (self.up_name, "down_proj")]
+        return names + [(f"{name}_bias", name, "bias") for name in
+                        (self.up_name, "down_proj")] * self.biased
+
+    def foreign_tensors(self) -> list[str]:
+        """The bank's own parameters and buffers that are not its experts' (none in
+        transformers' banks): ``own_weights`` would leave them behind."""
+        viewed = {bank_name for bank_name, _, _ in self._bank_tensors()}
+        own = [n for n, _ in self.bank.named_parameters(recurse=False)]
+        own += [n for n, _ in self.bank.named_buffers(recurse=False)]
+        return [n for n in own if n not in viewed]
+
+    def own_weights(self) -> None:
+        """Make these layers the experts for good, in place of the bank: a layer still
+        viewing the bank's storage gets a contiguous copy, the bank's expert tensors are
+        dropped (their memory freed once the bank leaves the model) and its submodules
+        (activation, post-expert norm) become this module's, so ``.to()``,
+        ``parameters()`` and ``state_dict`` see them. The bank's forward no longer runs."""
+        assert not self.foreign_tensors(), "checked before deploying"
+        for _, projection, tensor_name in self._bank_tensors():
+            for layer in getattr(self, projection):
+                value = getattr(layer, tensor_name, None)
+                if isinstance(value, nn.Parameter):
+                    copy = value.detach().clone(memory_format=torch.contiguous_format)
+                    setattr(layer, tensor_name, nn.Parameter(copy, value.requires_grad))
+        for bank_name, _, _ in self._bank_tensors():
+            delattr(self.bank, bank_name)
+        for name, child in self.bank.named_children():
+            self.add_module(name, child)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:  # fmt: skip
+        """A checkpoint of the bank itself (3-D ``gate_up_proj``, ...) loads expert by
+        expert: its tensors are split into the layers' keys first."""
+        for bank_name, projection, tensor_name in self._bank_tensors():
+            stacked = state_dict.get(prefix + bank_name)
+            dims = 2 if tensor_name == "bias" else 3
+            if not isinstance(stacked, torch.Tensor) or stacked.dim() != dims:
+                continue
+            del state_dict[prefix + bank_name]
+            transpose = self.transposed and tensor_name == "weight"
+            for e, value in enumerate(stacked):
+                state_dict[f"{prefix}{projection}.{e}.{tensor_name}"] = (
+                    value.T if transpose else value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def write_back(self) -> None:
         """Copy every layer's weight (masked, if a mask is attached) and bias into the
         bank, where a layer no longer holds a view of it."""
-        for name in (self.up_name, "down_proj"):
-            tensors = [("weight", name)] + [("bias", f"{name}_bias")] * self.biased
-            for tensor_name, bank_name in tensors:
-                stacked = getattr(self.bank, bank_name).data
-                for e, layer in enumerate(getattr(self, name)):
-                    value, target = getattr(layer, tensor_name).detach(), stacked[e]
-                    if tensor_name == "weight" and self.transposed:
-                        target = target.T
-                    if value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
-                        target.copy_(value)
+        for bank_name, projection, tensor_name in self._bank_tensors():
+            stacked = getattr(self.bank, bank_name).data
+            for e, layer in enumerate(getattr(self, projection)):
+                value, target = getattr(layer, tensor_name).detach(), stacked[e]
+                if tensor_name == "weight" and self.transposed:
+                    target = target.T
+                if value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
+                    target.copy_(value)
 
 
 class RoutedExpertLayers(ExpertLayers):
@@ -141,13 +194,16 @@ class RoutedExpertLayers(ExpertLayers):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
         bank, ups = self.bank, self.ups
+        experts = range(len(ups)) if self.call_every_expert else \
+            [e for e in top_k_index.unique().tolist() if 0 <= e < len(ups)]
         # (slot, token) pairs, slot-major: the row order of transformers' own loop
-        routed = [torch.where(top_k_index.T.eq(e)) for e in range(len(ups))]
-        hidden = [ups[e](hidden_states[tokens]) for e, (_, tokens) in enumerate(routed)]
-        hidden = [bank._apply_gate(h) if bank.has_gate else bank.act_fn(h) for h in hidden]
+        routed = {e: torch.where(top_k_index.T.eq(e)) for e in experts}
+        hidden = {e: ups[e](hidden_states[tokens]) for e, (_, tokens) in routed.items()}
+        hidden = {e: bank._apply_gate(h) if bank.has_gate else bank.act_fn(h)
+                  for e, h in hidden.items()}
         final = torch.zeros_like(hidden_states)
-        for e, ((slots, tokens), h) in enumerate(zip(routed, hidden, strict=True)):
-            out = self.down_proj[e](h)
+        for e, (slots, tokens) in routed.items():
+            out = self.down_proj[e](hidden[e])
             if bank.has_post_expert_norm:
                 out = bank.post_expert_norm(out)
             out = out * top_k_weights[tokens, slots, None]
@@ -166,6 +222,8 @@ class Llama4ExpertLayers(ExpertLayers):
         final = torch.zeros_like(rows)
         for e, expert_rows in enumerate(rows):
             routed = expert_rows.ne(0).any(-1).nonzero().squeeze(1)
+            if not (self.call_every_expert or len(routed)):
+                continue
             gate, up = self.ups[e](expert_rows[routed]).chunk(2, dim=-1)
             final[e, routed] = self.down_proj[e](up * self.bank.act_fn(gate))
         return final.view(-1, hidden_states.shape[-1])
@@ -190,7 +248,7 @@ def expert_banks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return banks
 
 
-def _put(model: nn.Module, fqn: str, module: nn.Module) -> None:
+def put_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
     """Set ``module`` at ``fqn`` (a submodule's name) in ``model``."""
     parent, _, child = fqn.rpartition(".")
     setattr(fqn_to_module(model, parent) if parent else model, child, module)
@@ -206,12 +264,12 @@ def unfused_experts(model: nn.Module) -> Iterator[dict[str, ExpertLayers]]:
     try:
         for fqn, bank in banks:
             swapped[fqn] = unfused(bank)
-            _put(model, fqn, swapped[fqn])
+            put_module(model, fqn, swapped[fqn])
         yield swapped
     finally:
         for fqn, layers in swapped.items():
             layers.write_back()
-            _put(model, fqn, layers.bank)
+            put_module(model, fqn, layers.bank)
 
 
 def routing_gates(block: nn.Module) -> set[int]:
@@ -243,12 +301,15 @@ def kept_count(where: str, keep: Any, total: int, least: int, unit: str) -> int:
 
 
 def expand_parallel(model: nn.Module, names: list[str]) -> list[str]:
-    """``names`` with each one naming a ``ParallelLayers`` (an unfused expert
-    projection, ``...experts.down_proj``) replaced by its layers' names."""
+    """``names`` with each one naming an unfused bank (``...mlp.experts``) or one of its
+    projections (a ``ParallelLayers``: ``...experts.down_proj``) replaced by its layers'
+    names."""
     out: list[str] = []
     for name in names:
         module = fqn_to_module(model, name) if isinstance(name, str) else None
-        if isinstance(module, ParallelLayers):
+        if isinstance(module, ExpertLayers):
+            out += expand_parallel(model, [f"{name}.{module.up_name}", f"{name}.down_proj"])
+        elif isinstance(module, ParallelLayers):
             out += [f"{name}.{i}" for i in range(len(module))]
         else:
             out.append(name)

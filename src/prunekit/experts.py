@@ -106,7 +106,7 @@ class ExpertLayers(nn.Module):
     computes. While ``call_every_expert`` (the default), each forward calls every layer,
     on no rows if no token chose its expert, so each forward calls the same layers in the
     same order (the calibration engine relies on it); deployed, only the experts chosen
-    run."""
+    run (all of them while traced)."""
 
     call_every_expert = True
 
@@ -123,6 +123,11 @@ class ExpertLayers(nn.Module):
     @property
     def ups(self) -> ParallelLayers:
         return getattr(self, self.up_name)
+
+    def _runs_every_expert(self) -> bool:
+        """Whether this forward runs every expert: while calibrating, and while traced
+        (``torch.export`` and ``torch.compile`` cannot branch on where tokens went)."""
+        return self.call_every_expert or torch.compiler.is_compiling()
 
     def _bank_tensors(self) -> list[tuple[str, str, str]]:
         """``(bank tensor, projection, layer tensor)`` for each tensor the layers view."""
@@ -194,7 +199,7 @@ class RoutedExpertLayers(ExpertLayers):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:  # fmt: skip
         bank, ups = self.bank, self.ups
-        experts = range(len(ups)) if self.call_every_expert else \
+        experts = range(len(ups)) if self._runs_every_expert() else \
             [e for e in top_k_index.unique().tolist() if 0 <= e < len(ups)]
         # (slot, token) pairs, slot-major: the row order of transformers' own loop
         routed = {e: torch.where(top_k_index.T.eq(e)) for e in experts}
@@ -222,7 +227,7 @@ class Llama4ExpertLayers(ExpertLayers):
         final = torch.zeros_like(rows)
         for e, expert_rows in enumerate(rows):
             routed = expert_rows.ne(0).any(-1).nonzero().squeeze(1)
-            if not (self.call_every_expert or len(routed)):
+            if not (self._runs_every_expert() or len(routed)):
                 continue
             gate, up = self.ups[e](expert_rows[routed]).chunk(2, dim=-1)
             final[e, routed] = self.down_proj[e](up * self.bank.act_fn(gate))

@@ -1,6 +1,7 @@
-"""to_sparse on mixture-of-experts models: every expert of transformers' expert banks
-(3-D weights, no nn.Linear) gets a layout of its own, and a bank with sparse experts is
-replaced for good by its experts as layers, computing what the bank computed."""
+"""to_sparse and sparse_quantize on mixture-of-experts models: every expert of
+transformers' expert banks (3-D weights, no nn.Linear) gets a layout of its own, and a
+bank with sparse experts is replaced for good by its experts as layers, computing what
+the bank computed."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ import torch
 
 import prunekit.deploy.convert as convert
 import prunekit.deploy.experts as deploy_experts
-from prunekit.deploy import SparseLinear, to_sparse
+from prunekit.deploy import (
+    QnnpackSparseDynamicLinear,
+    SparseLinear,
+    SparseQuantizedIsland,
+    sparse_quantize,
+    to_sparse,
+)
 from prunekit.errors import ConfigError, UnsupportedError
-from prunekit.experts import ExpertLayers, unfused_experts
+from prunekit.experts import ExpertLayers, put_module, unfused, unfused_experts
 from tests.deploy._models import block_sparse
 from tests.oneshot.test_experts import CONFIGS, banks, batches, moe, never_routed_to_expert_3
 
@@ -204,3 +211,24 @@ def test_export_of_deployed_experts_runs_every_expert_and_computes_the_same(arch
     with torch.no_grad():
         torch.testing.assert_close(program.module()(**kwargs).logits, logits(deployed),
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "llama4"])
+def test_sparse_quantize_quantizes_every_expert_as_the_linear_it_is(arch, dynamic):
+    """The experts are int8 one by one (static: each calibrated on its own tokens) and
+    the model computes, bit for bit, what the same model with its banks unfused into
+    nn.Linear layers computes once quantized."""
+    model = sparse_experts(moe(arch))
+    calibration = None if dynamic else batches(2)
+    quantized = sparse_quantize(model, calibration, dynamic=dynamic)
+    reference = copy.deepcopy(model)
+    for fqn, bank in banks(reference).items():
+        put_module(reference, fqn, unfused(bank))
+    expected = sparse_quantize(reference, calibration, dynamic=dynamic)
+    assert torch.equal(logits(quantized), logits(expected))
+    assert not banks(quantized) and not any(p.dim() == 3 for p in quantized.parameters())
+    kind = QnnpackSparseDynamicLinear if dynamic else SparseQuantizedIsland
+    for layers in expert_layers(quantized):
+        assert all(isinstance(m, kind) for m in [*layers.ups, *layers.down_proj])
+    assert banks(model)  # the model keeps its banks

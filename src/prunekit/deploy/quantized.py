@@ -28,6 +28,7 @@ from torch.ao.quantization import (
 from torch.nn.utils import parametrize
 
 from prunekit.deploy.auto import run_model
+from prunekit.deploy.experts import bank_of, deploy_banks, split_choices
 from prunekit.deploy.quantized_modules import (
     DYNAMIC_ENGINE,
     STATIC_ENGINE,
@@ -37,6 +38,7 @@ from prunekit.deploy.quantized_modules import (
     quiet_int8_deprecations,
 )
 from prunekit.errors import ConfigError, ConfigTypeError
+from prunekit.experts import put_module, unfused_experts
 from prunekit.linear_like import is_conv1d, out_in
 from prunekit.parametrization import deepcopy_model
 from prunekit.swap import register_swap_handler
@@ -209,7 +211,10 @@ def sparse_quantize(
     (``torch.ao.nn.sparse.quantized.dynamic.Linear``, qnnpack kernel). ``dynamic=False``:
     static int8 calibrated on ``calibration_batches`` (``torch.ao.nn.sparse.quantized.Linear``,
     fbgemm kernel), inside the model's QuantStub/DeQuantStub if it has them, else inside a
-    ``SparseQuantizedIsland`` per layer. Masks still attached are squashed first.
+    ``SparseQuantizedIsland`` per layer. Masks still attached are squashed first. The
+    experts of transformers' expert banks are quantized one by one, each calibrated on
+    the tokens routed to it, and the bank is replaced by its experts as layers (as
+    ``to_sparse`` deploys them).
 
     >>> model = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
     >>> q = sparse_quantize(model)
@@ -219,8 +224,21 @@ def sparse_quantize(
     engine = DYNAMIC_ENGINE if dynamic else STATIC_ENGINE
     check_engine(engine, f"sparse_quantize(dynamic={dynamic})")
     batches = _check_calibration(calibration_batches, dynamic)
-    _targets(model)  # fail on a bad layer before paying for the copy
+    with unfused_experts(model):
+        _targets(model)  # fail on a bad layer before paying for the copy
     work = deepcopy_model(model)  # the copy loses its masks; the model keeps its own
+    with unfused_experts(work) as banks:
+        experts = {fqn: m for fqn, m in _targets(work).items() if bank_of(fqn, banks)}
+        _quantize(work, batches, dynamic)
+        quantized = {fqn: work.get_submodule(fqn) for fqn in experts}
+        for fqn, layer in experts.items():
+            put_module(work, fqn, layer)  # the bank's own layers back for the way out
+    deploy_banks(work, banks, split_choices(quantized, experts, banks)[1])
+    return work
+
+
+def _quantize(work: nn.Module, batches: list[Any], dynamic: bool) -> None:
+    """Every Linear-like layer of ``work`` (experts unfused) as sparse int8, in place."""
     targets = {fqn: _squash(m) for fqn, m in _targets(work).items()}
     for fqn, module in targets.items():
         _set(work, fqn, module)  # a Conv1D's Linear replaces it
@@ -229,4 +247,3 @@ def sparse_quantize(
             _set(work, fqn, _dynamic(module))
     else:
         _static_model(work, targets, batches)
-    return work

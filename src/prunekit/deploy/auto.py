@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "call",
+    "Args",
     "capture_args",
     "choose",
     "confirmed_speedup",
@@ -37,7 +37,7 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 Args = tuple[Any, ...]  # the positional args of one call: what a module is timed on
 
 
-def call(module: nn.Module, x: torch.Tensor | Args) -> Any:
+def _call(module: nn.Module, x: torch.Tensor | Args) -> Any:
     """``module`` on ``x``: one tensor, or a tuple of positional args."""
     return module(*x) if isinstance(x, tuple) else module(x)
 
@@ -113,7 +113,7 @@ def time_candidates(
     ``budget_s / sample_s`` (at least ``min_samples``).
     """
     cuda = _is_cuda(x)
-    calls = {name: (lambda m=m: call(m, x)) for name, m in candidates.items()}
+    calls = {name: (lambda m=m: _call(m, x)) for name, m in candidates.items()}
     with torch.inference_mode():
         inner = _calls_per_sample(list(calls.values()), sample_s, cuda)
         samples = max(min_samples, int(budget_s / sample_s))
@@ -139,7 +139,7 @@ def paired_samples(
     ``sample_s``."""
     cuda = _is_cuda(x)
     with torch.inference_mode():
-        calls = [lambda m=model: call(m, x) for model in (base, other)]
+        calls = [lambda m=model: _call(m, x) for model in (base, other)]
         inner = _calls_per_sample(calls, sample_s, cuda)
         _timed(calls[1], inner, cuda)
         _timed(calls[0], inner, cuda)  # every block now starts like the next one

@@ -304,7 +304,7 @@ def to_sparse(
     work = model if inplace else deepcopy_model(model)
     with unfused_experts(work) as banks:  # every expert an nn.Linear while choosing
         found = _targets(work, modules)
-        check_deployable(banks, found)
+        check_deployable(banks, found, "to_sparse")
         order = list(found)
         targets, report = _with_zeros(found, explicit=modules is not None)
         if layout == "auto":

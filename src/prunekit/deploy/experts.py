@@ -12,6 +12,8 @@ once) by the margin in paired timing; otherwise the whole bank stays as it was.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -30,14 +32,16 @@ def bank_of(fqn: str, banks: dict[str, ExpertLayers]) -> str | None:
     return next((bank for bank in banks if fqn.startswith(f"{bank}.")), None)
 
 
-def check_deployable(banks: dict[str, ExpertLayers], targets: dict[str, nn.Module]) -> None:
+def check_deployable(banks: dict[str, ExpertLayers], targets: Iterable[str], caller: str
+                     ) -> None:  # fmt: skip
     """Refuse, before anything changes, a bank with tensors of its own besides its
-    experts': the deployed layers could not carry them."""
+    experts' when one of ``targets`` (fqns) is its expert: the deployed layers could not
+    carry them."""
     for fqn, layers in banks.items():
         foreign = layers.foreign_tensors()
         if foreign and any(bank_of(t, {fqn: layers}) for t in targets):
             raise UnsupportedError(
-                f"to_sparse: expert bank {fqn!r} ({type(layers.bank).__name__}) holds "
+                f"{caller}: expert bank {fqn!r} ({type(layers.bank).__name__}) holds "
                 f"{foreign} besides its experts' weights; prunekit cannot deploy its experts "
                 "(leave them out with modules=...)"
             )

@@ -28,7 +28,7 @@ from torch.ao.quantization import (
 from torch.nn.utils import parametrize
 
 from prunekit.deploy.auto import run_model
-from prunekit.deploy.experts import bank_of, deploy_banks, split_choices
+from prunekit.deploy.experts import bank_of, check_deployable, deploy_banks, split_choices
 from prunekit.deploy.quantized_modules import (
     DYNAMIC_ENGINE,
     STATIC_ENGINE,
@@ -229,6 +229,7 @@ def sparse_quantize(
     work = deepcopy_model(model)  # the copy loses its masks; the model keeps its own
     with unfused_experts(work) as banks:
         experts = {fqn: m for fqn, m in _targets(work).items() if bank_of(fqn, banks)}
+        check_deployable(banks, experts, "sparse_quantize")
         _quantize(work, batches, dynamic)
         quantized = {fqn: work.get_submodule(fqn) for fqn in experts}
         for fqn, layer in experts.items():

@@ -234,3 +234,18 @@ def test_sparse_quantize_quantizes_every_expert_as_the_linear_it_is(arch, dynami
     for layers in expert_layers(quantized):
         assert all(isinstance(m, kind) for m in [*layers.ups, *layers.down_proj])
     assert banks(model)  # the model keeps its banks
+
+
+def test_contiguous_outputs_deploy_llama4_whose_rotary_embedding_needs_them():
+    """Llama 4's rotary embedding views its query and key projections' outputs as complex
+    numbers, which needs a contiguous last dimension: a sparse layer's output is a
+    transposed view unless contiguous_outputs."""
+    model = moe("llama4")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "self_attn" in name:
+                p.mul_(torch.rand_like(p) > 0.5)
+    deployed = to_sparse(sparse_experts(model), layout="csr", contiguous_outputs=True)
+    q_proj = deployed.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, SparseLinear) and q_proj.contiguous_output
+    torch.testing.assert_close(logits(deployed), logits(model), atol=1e-5, rtol=1e-5)

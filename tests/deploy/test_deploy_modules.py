@@ -46,6 +46,24 @@ def test_sparse_linear_matches_dense_on_3d_input(layout, bias):
     assert f"layout={layout.describe()}, density={density:.3f}" in repr(sparse)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
+def test_outputs_are_transposed_views_unless_asked_contiguous(layout):
+    """The kernels compute (out, tokens); the output is its transpose unless
+    contiguous_output pays the copy (the values are the same either way)."""
+    lin, x = _linear(), torch.randn(2, 5, 32)
+    view = SparseLinear.from_dense(lin, layout)(x)
+    contiguous = SparseLinear.from_dense(lin, layout, contiguous_output=True)
+    assert not view.is_contiguous() and contiguous(x).is_contiguous()
+    assert torch.equal(contiguous(x), view)
+    assert "contiguous_output=True" in repr(contiguous)
+    conv = nn.Conv2d(32, 16, 1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) > 0.7)
+    pixels = SparseConv1x1.from_dense(conv, layout, contiguous_output=True)(
+        torch.randn(2, 32, 3, 3))
+    assert pixels.is_contiguous()
+
+
 def test_sparse_conv1x1_matches_the_conv():
     conv = nn.Conv2d(32, 16, 1)
     with torch.no_grad():

@@ -4,6 +4,7 @@ modules."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -115,26 +116,36 @@ def _choice(
     )
 
 
+@dataclass(frozen=True)
+class _Build:
+    """How the deployed layers are built: ``to_sparse``'s ``blocksize`` and
+    ``contiguous_outputs``."""
+
+    blocksize: tuple[int, int] | None
+    contiguous: bool
+
+
 def _fixed(
-    targets: dict[str, nn.Module], name: str, blocksize: tuple[int, int] | None
+    targets: dict[str, nn.Module], name: str, build: _Build
 ) -> tuple[dict[str, nn.Module], DeployReport]:
     """Every target in layout ``name``; any misfit raises before anything is replaced."""
     new, report = {}, DeployReport()
     for fqn, module in targets.items():
         weight = _weight_2d(module)
-        layout = LAYOUTS[name].fit(weight, _where(fqn, module), _blocksize(module, blocksize))
-        new[fqn] = _trial(fqn, module, layout, _probe_input(module))
+        layout = LAYOUTS[name].fit(weight, _where(fqn, module), _blocksize(module, build.blocksize))
+        new[fqn] = _trial(fqn, module, layout, _probe_input(module), build)
         report.layers.append(_choice(fqn, module, layout.describe(), f"layout={name!r} requested"))
     return new, report
 
 
-def _trial(fqn: str, module: nn.Module, layout: Layout, x: torch.Tensor) -> nn.Module:
+def _trial(fqn: str, module: nn.Module, layout: Layout, x: torch.Tensor, build: _Build
+           ) -> nn.Module:  # fmt: skip
     """Build ``layout`` for the layer and run it once on ``x``: kernels may refuse a
     dtype, shape or device only when called."""
     if layout.name == "dense":
         return module
     try:
-        candidate = _deployed_kind(module).from_dense(module, layout)
+        candidate = _deployed_kind(module).from_dense(module, layout, build.contiguous)
         with torch.inference_mode():
             candidate(x)
     except _KERNEL_ERRORS as exc:
@@ -152,7 +163,7 @@ def _probe_input(module: nn.Module) -> torch.Tensor:
 
 
 def _fitting_candidates(
-    fqn: str, module: nn.Module, blocksize: tuple[int, int] | None, x: torch.Tensor
+    fqn: str, module: nn.Module, build: _Build, x: torch.Tensor
 ) -> tuple[dict[str, nn.Module], list[str]]:
     candidates: dict[str, nn.Module] = {"dense": module}
     skipped = []
@@ -160,8 +171,9 @@ def _fitting_candidates(
         if name == "dense":
             continue
         try:
-            layout = cls.fit(_weight_2d(module), _where(fqn, module), _blocksize(module, blocksize))
-            candidates[layout.describe()] = _trial(fqn, module, layout, x)
+            block = _blocksize(module, build.blocksize)
+            layout = cls.fit(_weight_2d(module), _where(fqn, module), block)
+            candidates[layout.describe()] = _trial(fqn, module, layout, x, build)
         except ConfigError as exc:
             skipped.append(f"{name}: {str(exc).split(': ', 2)[-1]}")
     return candidates, skipped
@@ -178,7 +190,7 @@ def _auto(
     model: nn.Module,
     targets: dict[str, nn.Module],
     example_inputs: Any,
-    blocksize: tuple[int, int] | None,
+    build: _Build,
     margin: float,
     banks: dict[str, ExpertLayers],
 ) -> tuple[dict[str, nn.Module], DeployReport]:
@@ -191,7 +203,7 @@ def _auto(
     for fqn, module in targets.items():
         bank = bank_of(fqn, banks)
         if fqn in inputs:
-            new[fqn], choice, candidates = _auto_layer(fqn, module, inputs[fqn], blocksize,
+            new[fqn], choice, candidates = _auto_layer(fqn, module, inputs[fqn], build,
                                                        margin, confirm=bank is None)
             if fqn in unreached:
                 choice.reason = f"{unreached[fqn]}: {choice.reason}"
@@ -209,12 +221,11 @@ def _auto(
     return new, report
 
 
-def _auto_layer(fqn: str, module: nn.Module, x: torch.Tensor, blocksize: tuple[int, int] | None,
-                margin: float, confirm: bool
-                ) -> tuple[nn.Module, LayerChoice, dict[str, nn.Module]]:  # fmt: skip
+def _auto_layer(fqn: str, module: nn.Module, x: torch.Tensor, build: _Build, margin: float,
+                confirm: bool) -> tuple[nn.Module, LayerChoice, dict[str, nn.Module]]:  # fmt: skip
     """The fastest fitting layout for one layer on ``x`` (``confirm``: checked in paired
     timing), its report line, and every fitting candidate."""
-    candidates, skipped = _fitting_candidates(fqn, module, blocksize, x)
+    candidates, skipped = _fitting_candidates(fqn, module, build, x)
     times = time_candidates(candidates, x)
     best, reason = choose(times, margin)
     if best != "dense" and confirm:
@@ -276,6 +287,7 @@ def to_sparse(
     blocksize: tuple[int, int] | None = None,
     margin: float = 0.1,
     inplace: bool = False,
+    contiguous_outputs: bool = False,
 ) -> nn.Module:
     """Replace sparse ``nn.Linear``, transformers' ``Conv1D`` and pointwise ``nn.Conv2d``
     layers, and the experts of transformers' expert banks, for faster inference.
@@ -290,6 +302,10 @@ def to_sparse(
     Each expert of a bank (``prunekit.experts``) is a layer (``...experts.down_proj.3``;
     ``modules`` may name a projection or a bank); ``auto`` decides per bank, timing whole
     banks on their own inputs (``prunekit.deploy.experts``).
+    A sparse layer's output is a transposed view of its kernel's ``(out, tokens)``
+    product, which the next sparse layer reads without a copy; ``contiguous_outputs``
+    pays the copy (and ``auto`` times it), for models whose code needs the last dimension
+    contiguous (Llama 4's and DeepSeek-V2's rotary embedding: ``torch.view_as_complex``).
     Returns the model (a copy unless ``inplace``) with ``model.deploy_report`` saying what
     each layer got and why; on any error the model is left unchanged.
 
@@ -307,10 +323,11 @@ def to_sparse(
         check_deployable(banks, found, "to_sparse")
         order = list(found)
         targets, report = _with_zeros(found, explicit=modules is not None)
+        build = _Build(blocksize, contiguous_outputs)
         if layout == "auto":
-            new, chosen = _auto(work, targets, example_inputs, blocksize, margin, banks)
+            new, chosen = _auto(work, targets, example_inputs, build, margin, banks)
         else:
-            new, chosen = _fixed(targets, layout, blocksize)
+            new, chosen = _fixed(targets, layout, build)
         outside, per_bank = split_choices(new, targets, banks)
     _replace(work, outside)
     deploy_banks(work, banks, per_bank)

@@ -47,18 +47,24 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout
+        self, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout,
+        contiguous_output: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.layout = layout
+        # The kernels compute (out, tokens): the output is its transpose, a view the next
+        # sparse layer reads without a copy; True pays the copy, for code that needs the
+        # last dimension contiguous (torch.view_as_complex in some rotary embeddings).
+        self.contiguous_output = contiguous_output
         self.register_buffer("weight", layout.pack(weight))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
-    def from_dense(cls, module: nn.Module, layout: Layout) -> SparseLinear:
+    def from_dense(cls, module: nn.Module, layout: Layout, contiguous_output: bool = False
+                   ) -> SparseLinear:  # fmt: skip
         """Pack the zero-filled weight of ``module`` (the kind this class deploys)."""
-        return cls(cls.map_weight(module), module.bias, layout)
+        return cls(cls.map_weight(module), module.bias, layout, contiguous_output)
 
     @staticmethod
     def map_weight(module: nn.Module) -> torch.Tensor:
@@ -89,6 +95,7 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"layout={self.layout.describe()}, density={density:.3f}, bias={self.bias is not None}"
+            + ", contiguous_output=True" * self.contiguous_output
         )
 
     def dense_weight(self) -> torch.Tensor:
@@ -98,9 +105,12 @@ class SparseLinear(nn.Module):
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         return self.layout.linear(x2d, self.weight, self.bias)
 
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return y.contiguous() if self.contiguous_output else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x.reshape(-1, self.in_features))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._out(y.reshape(*x.shape[:-1], self.out_features))
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._save_to_state_dict(destination, prefix, *args)
@@ -153,7 +163,7 @@ class SparseConv1x1(SparseLinear):
         # (C, N*H*W): channels first so the sparse weight multiplies from the left.
         cols = x.reshape(n, c, h * w).transpose(0, 1).reshape(c, n * h * w)
         y = self._matmul(cols.T)  # (N*H*W, out)
-        return y.T.reshape(self.out_features, n, h, w).transpose(0, 1)
+        return self._out(y.T.reshape(self.out_features, n, h, w).transpose(0, 1))
 
 
 class SparseConv1D(SparseLinear):

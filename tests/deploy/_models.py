@@ -15,9 +15,13 @@ def block_sparse(rows: int, cols: int, block: tuple[int, int], sparsity: float, 
 
 
 def sparse_mlp(block: tuple[int, int] = (1, 1), sparsity: float = 0.9) -> nn.Sequential:
-    """Linear-GELU-Linear with zero-filled weights (``block`` zeros)."""
+    """Linear-GELU-Linear with zero-filled weights (``block`` zeros); every tensor seeded,
+    so a test sees the same model whatever ran before it."""
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         model[0].weight.copy_(block_sparse(128, 64, block, sparsity, seed=1))
         model[2].weight.copy_(block_sparse(32, 128, block, sparsity, seed=2))
+        for layer in (model[0], model[2]):
+            layer.bias.uniform_(-0.1, 0.1, generator=gen)
     return model.eval()

@@ -127,7 +127,8 @@ def test_auto_decides_per_bank_on_the_banks_own_inputs(monkeypatch, bank_speedup
     """Each expert alone is 10x faster in CSR; the bank's plans are timed as whole banks
     (every expert in row blocks is fastest here) and paired timing of the fastest against
     the bank's forward decides."""
-    monkeypatch.setattr(convert, "time_candidates", lambda c, x: {"dense": 1.0, "csr": 0.1})
+    monkeypatch.setattr(convert, "time_candidates", lambda c, x, **timing: {"dense": 1.0,
+                                                                            "csr": 0.1})
     plans = []
 
     def bank_times(candidates, args):
@@ -154,7 +155,8 @@ def test_auto_decides_per_bank_on_the_banks_own_inputs(monkeypatch, bank_speedup
 def test_experts_no_example_token_reaches_are_timed_on_a_routed_experts_input(monkeypatch):
     rows = {}
 
-    def record(candidates, x):
+    def record(candidates, x, **timing):
+        assert timing == convert.EXPERT_TIMING  # briefly: the bank's round decides
         rows[len(rows)] = x.shape[0]
         return {"dense": 1.0, "csr": 2.0}
 

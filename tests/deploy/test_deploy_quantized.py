@@ -35,7 +35,7 @@ pytestmark = [  # torch 2.13 deprecates its int8 tensors and eager quantization
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
-X = torch.randn(16, 64)
+X = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
 
 
 def _int8_bound(model: nn.Sequential, x: torch.Tensor) -> float:

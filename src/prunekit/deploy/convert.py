@@ -30,6 +30,8 @@ from prunekit.parametrization import deepcopy_model
 
 __all__ = ["to_sparse"]
 
+# An expert's own timing (seconds): a fifth of a layer's, its bank's round decides.
+EXPERT_TIMING = {"budget_s": 0.02, "sample_s": 0.004}
 # What torch's sparse constructors and kernels raise for an unsupported dtype/shape/device.
 _KERNEL_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)
 
@@ -204,7 +206,7 @@ def _auto(
         bank = bank_of(fqn, banks)
         if fqn in inputs:
             new[fqn], choice, candidates = _auto_layer(fqn, module, inputs[fqn], build,
-                                                       margin, confirm=bank is None)
+                                                       margin, expert=bank is not None)
             if fqn in unreached:
                 choice.reason = f"{unreached[fqn]}: {choice.reason}"
             if bank is not None:
@@ -222,13 +224,15 @@ def _auto(
 
 
 def _auto_layer(fqn: str, module: nn.Module, x: torch.Tensor, build: _Build, margin: float,
-                confirm: bool) -> tuple[nn.Module, LayerChoice, dict[str, nn.Module]]:  # fmt: skip
-    """The fastest fitting layout for one layer on ``x`` (``confirm``: checked in paired
-    timing), its report line, and every fitting candidate."""
+                expert: bool) -> tuple[nn.Module, LayerChoice, dict[str, nn.Module]]:  # fmt: skip
+    """The fastest fitting layout for one layer on ``x``, its report line, and every
+    fitting candidate. A layer's pick is checked in paired timing; an expert's is only
+    a proposal for its bank's round (``choose_bank``), which decides, so it is timed
+    briefly and unchecked: a bank may hold thousands of experts."""
     candidates, skipped = _fitting_candidates(fqn, module, build, x)
-    times = time_candidates(candidates, x)
+    times = time_candidates(candidates, x, **(EXPERT_TIMING if expert else {}))
     best, reason = choose(times, margin)
-    if best != "dense" and confirm:
+    if best != "dense" and not expert:
         best, reason = _confirm(candidates, best, reason, x, margin)
     return candidates[best], _choice(fqn, module, best, reason, times, skipped), candidates
 

@@ -39,7 +39,7 @@ def check_deployable(banks: dict[str, ExpertLayers], targets: Iterable[str], cal
     carry them."""
     for fqn, layers in banks.items():
         foreign = layers.foreign_tensors()
-        if foreign and any(bank_of(t, {fqn: layers}) for t in targets):
+        if foreign and any(t.startswith(f"{fqn}.") for t in targets):
             raise UnsupportedError(
                 f"{caller}: expert bank {fqn!r} ({type(layers.bank).__name__}) holds "
                 f"{foreign} besides its experts' weights; prunekit cannot deploy its experts "

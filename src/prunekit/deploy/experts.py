@@ -104,15 +104,17 @@ def _rebuilt(layers: ExpertLayers, modules: dict[str, nn.Module]) -> ExpertLayer
 def _plans(options: dict[str, dict[str, nn.Module]], picks: dict[str, nn.Module]
            ) -> dict[str, dict[str, nn.Module]]:  # fmt: skip
     """What a bank's experts may get, each plan ``{expert fqn: sparse module}``: every
-    expert's own pick, and each layout that fits every expert, for all of them."""
-    plans = {"each expert's pick": {f: m for f, m in picks.items()
-                                    if isinstance(m, SparseLinear)}}
+    expert's own pick, and each layout that fits every expert, for all of them (unless
+    that is what the picks are)."""
+    own = {f: m for f, m in picks.items() if isinstance(m, SparseLinear)}
+    plans = {"each expert's pick": own} if own else {}
     by_layout = [{m.layout.name: m for m in candidates.values() if isinstance(m, SparseLinear)}
                  for candidates in options.values()]
     for name in sorted(set.intersection(*(set(c) for c in by_layout)) if by_layout else ()):
-        plans[f"every expert {name}"] = {
-            fqn: layouts[name] for fqn, layouts in zip(options, by_layout, strict=True)}
-    return {plan: modules for plan, modules in plans.items() if modules}
+        uniform = {fqn: layouts[name] for fqn, layouts in zip(options, by_layout, strict=True)}
+        if uniform != own:
+            plans[f"every expert {name}"] = uniform
+    return plans
 
 
 def choose_bank(fqn: str, layers: ExpertLayers, options: dict[str, dict[str, nn.Module]],

@@ -251,3 +251,14 @@ def test_contiguous_outputs_deploy_llama4_whose_rotary_embedding_needs_them():
     q_proj = deployed.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, SparseLinear) and q_proj.contiguous_output
     torch.testing.assert_close(logits(deployed), logits(model), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_a_deployed_moe_generates_what_the_model_generates(arch):
+    """Prefill, then one token at a time through the KV cache: any token count reaches
+    the deployed banks."""
+    model = sparse_experts(moe(arch))
+    deployed = to_sparse(model, layout="row_blocks")
+    prompt = BATCH["input_ids"][:1, :8]
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(deployed.generate(prompt, max_new_tokens=6, do_sample=False), expected)

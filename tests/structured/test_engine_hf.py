@@ -197,6 +197,36 @@ def test_gpt2_with_its_lm_head_loses_hidden_width_and_reports_its_layernorms(
     assert sum(p.numel() for p in model.parameters()) == plan.totals["params_after"]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma"])
+def test_causal_lms_lose_hidden_width_through_their_own_rmsnorms(arch: str, tied: bool) -> None:
+    """transformers' RMSNorm classes (one per model; Gemma's scales by 1 + weight) are
+    known layers, so with the logits as output the residual stream's width is free: the
+    embedding, every norm, every projection reading or writing it and the LM head."""
+    config = transformers.AutoConfig.for_model(
+        arch, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
+        use_cache=False, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    x = torch.randint(0, VOCAB, (2, 6))
+    plan = prune(model, x, ratio=0.5)
+    norms = [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")
+             and m.weight.numel() == 64]  # fmt: skip
+    assert len(norms) == 5 and set(norms) <= set(plan.inexact)
+    masked = masked_copy(model, plan)
+    with torch.no_grad():
+        expected = masked(x).logits
+        plan.apply()
+        _assert_close([model(x).logits], [expected], rtol=1e-5)
+    hidden = model.model.embed_tokens.embedding_dim
+    assert hidden == model.lm_head.in_features == model.model.norm.weight.numel() < 64
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.in_features == layer.mlp.down_proj.out_features == hidden
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert sum(p.numel() for p in model.parameters()) == plan.totals["params_after"]
+
+
 def test_wrong_inputs_to_an_exported_model_name_both_captures() -> None:
     model, _ = _build("bert")
     before = snapshot(model)

@@ -321,6 +321,10 @@ class _MaskedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = x.index_select(-1, self.keep)
+        if not isinstance(self.ln, (nn.LayerNorm, nn.RMSNorm)):  # transformers' RMSNorm
+            small = copy.deepcopy(self.ln)
+            small.weight = nn.Parameter(self.ln.weight[self.keep])
+            return torch.zeros_like(x).index_copy(-1, self.keep, small(kept).to(x.dtype))
         if isinstance(self.ln, nn.RMSNorm):
             y = F.rms_norm(kept, (self.keep.numel(),), self.ln.weight[self.keep], self.ln.eps)
             return torch.zeros_like(x).index_copy(-1, self.keep, y)

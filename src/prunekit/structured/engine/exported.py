@@ -58,6 +58,25 @@ def _opaque(*args: Any) -> None:
     submodules, layer internals nobody outside reads): unknown, so always safe."""
 
 
+_ALIASING = (torch.ops.aten.to, torch.ops.aten.alias, torch.ops.aten.detach)
+
+
+def _aliased(node: fx.Node) -> fx.Node | None:
+    """The input of a conversion that returned its input itself (``x.to(x.dtype)``), else
+    None. Tracing records every later use of ``x`` as a use of the conversion's output:
+    a layer's ``hidden.to(torch.float32)`` hands its input, under the conversion's name,
+    to the residual sum outside it (Hugging Face's RMSNorm), which must still see ``x``."""
+    target = getattr(node.target, "overloadpacket", None)
+    source = node.args[0] if node.op == "call_function" and node.args else None
+    if target not in _ALIASING or not isinstance(source, fx.Node):
+        return None
+    before, after = source.meta.get("val"), node.meta.get("val")
+    same = (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+            and (before.dtype, before.device, before.shape, before.stride())
+            == (after.dtype, after.device, after.shape, after.stride()))
+    return source if same else None
+
+
 def _shape_of(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return tuple(int(s) for s in value.shape)
@@ -172,9 +191,14 @@ class _Rewriter:
         return fx.map_arg(value, self._lookup)
 
     def _lookup(self, old: fx.Node) -> fx.Node:
-        """The new node of ``old``; a layer internal that nothing exported becomes opaque."""
+        """The new node of ``old``; a layer internal that nothing exported becomes opaque,
+        unless it is its input under another name (``_aliased``)."""
         if old not in self.env:
-            self._emit(old, "call_function", _opaque, (), {})
+            source = _aliased(old)
+            if source is not None:
+                self.env[old] = self._lookup(source)
+            else:
+                self._emit(old, "call_function", _opaque, (), {})
         return self.env[old]
 
     def _emit(self, old: fx.Node, op: str, target: Any, args: Any, kwargs: Any) -> fx.Node:

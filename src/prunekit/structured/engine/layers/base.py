@@ -22,6 +22,7 @@ ShapeOf = Callable[[str], tuple[int, ...]]
 
 _REGISTRY: dict[type[nn.Module], LayerPruner] = {}
 _LAZY: list[tuple[Callable[[], type[nn.Module] | None], LayerPruner]] = []
+_MATCHING: list[LayerPruner] = []
 
 
 class LayerPruner(ABC):
@@ -31,6 +32,12 @@ class LayerPruner(ABC):
 
     types: ClassVar[tuple[type[nn.Module], ...]] = ()
     lazy_types: ClassVar[tuple[Callable[[], type[nn.Module] | None], ...]] = ()
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Modules of no registered type this pruner also takes (a family of classes
+        no list can name, e.g. every transformers model's own RMSNorm)."""
+        return False
 
     @abstractmethod
     def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
@@ -52,6 +59,8 @@ def register_layer(cls: type[LayerPruner]) -> type[LayerPruner]:
     for t in cls.types:
         _REGISTRY[t] = instance
     _LAZY.extend((find, instance) for find in cls.lazy_types)
+    if cls.matches.__func__ is not LayerPruner.matches.__func__:  # type: ignore[attr-defined]
+        _MATCHING.append(instance)
     return cls
 
 
@@ -63,7 +72,7 @@ def layer_pruner(module: nn.Module) -> LayerPruner | None:
     for t in type(module).__mro__:
         if t in _REGISTRY:
             return _REGISTRY[t]
-    return None
+    return next((instance for instance in _MATCHING if instance.matches(module)), None)
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import fx, nn
@@ -63,18 +64,36 @@ class GroupNormPruner(LayerPruner):
         module.num_groups = module.num_channels // per_group
 
 
+def is_transformers_rms_norm(module: nn.Module) -> bool:
+    """A transformers model's own RMSNorm (``LlamaRMSNorm``, ``Qwen3RMSNorm``,
+    ``GemmaRMSNorm``...; one class per model, most of them copies): a per-channel weight
+    over the last dim, no bias, and a forward of one tensor (gated variants, which take
+    a second, are not)."""
+    cls = type(module)
+    if not (cls.__name__.endswith("RMSNorm") and cls.__module__.startswith("transformers.")):
+        return False
+    weight = getattr(module, "weight", None)
+    takes = list(inspect.signature(module.forward).parameters.values())
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 1
+            and getattr(module, "bias", None) is None and len(takes) == 1)
+
+
 @register_layer
 class LayerNormPruner(LayerPruner):
-    """Affine LayerNorm/RMSNorm over the last dim. Their statistics are taken over the
-    channels, so pruning them changes the statistics: recorded as *inexact*."""
+    """Affine LayerNorm/RMSNorm over the last dim (torch's, and transformers models'
+    own RMSNorm classes). Their statistics are taken over the channels, so pruning them
+    changes the statistics: recorded as *inexact*."""
 
     types = (nn.LayerNorm, nn.RMSNorm)
 
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return is_transformers_rms_norm(module)
+
     def trace(self, module: nn.Module, fqn: str, node: fx.Node, ctx: Propagation) -> Any:
-        assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
         state = ctx.state(node.args[0])
         shape = ctx.shape(node.args[0])
-        ndim, normed = len(shape), len(module.normalized_shape)
+        ndim, normed = len(shape), len(getattr(module, "normalized_shape", (module.weight,)))
         if not isinstance(state, Tracked) or state.dim < ndim - normed:
             return state  # channels outside the normalised dims pass through untouched
         if normed != 1 or module.weight is None:
@@ -87,5 +106,5 @@ class LayerNormPruner(LayerPruner):
         return state
 
     def resize(self, module: nn.Module) -> None:
-        assert isinstance(module, (nn.LayerNorm, nn.RMSNorm))
-        module.normalized_shape = (module.weight.shape[0],)
+        if hasattr(module, "normalized_shape"):  # transformers' RMSNorms keep no size
+            module.normalized_shape = (module.weight.shape[0],)

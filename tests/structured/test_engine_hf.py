@@ -175,6 +175,14 @@ def test_gpt2_loses_whole_heads_of_its_fused_qkv_and_mlp_channels() -> None:
     assert model.config.n_embd == model.h[1].mlp.c_proj.nf == 64
 
 
+def _apply_and_match_the_masked_logits(model: nn.Module, plan: Any, x: torch.Tensor) -> None:
+    masked = masked_copy(model, plan)
+    with torch.no_grad():
+        expected = masked(x).logits
+        plan.apply()
+        _assert_close([model(x).logits], [expected], rtol=1e-5)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_gpt2_with_its_lm_head_loses_hidden_width_and_reports_its_layernorms(
     attention: str,
@@ -186,11 +194,7 @@ def test_gpt2_with_its_lm_head_loses_hidden_width_and_reports_its_layernorms(
     model, x = transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, VOCAB, (2, 6))
     plan = prune(model, x, ratio=0.5)
     assert "transformer.ln_f" in plan.inexact
-    masked = masked_copy(model, plan)
-    with torch.no_grad():
-        expected = masked(x).logits
-        plan.apply()
-        _assert_close([model(x).logits], [expected], rtol=1e-5)
+    _apply_and_match_the_masked_logits(model, plan, x)
     hidden = model.transformer.wte.embedding_dim
     assert hidden == model.lm_head.in_features == model.transformer.h[0].attn.c_attn.nx < 64
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied, cut once
@@ -214,11 +218,7 @@ def test_causal_lms_lose_hidden_width_through_their_own_rmsnorms(arch: str, tied
     norms = [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")
              and m.weight.numel() == 64]  # fmt: skip
     assert len(norms) == 5 and set(norms) <= set(plan.inexact)
-    masked = masked_copy(model, plan)
-    with torch.no_grad():
-        expected = masked(x).logits
-        plan.apply()
-        _assert_close([model(x).logits], [expected], rtol=1e-5)
+    _apply_and_match_the_masked_logits(model, plan, x)
     hidden = model.model.embed_tokens.embedding_dim
     assert hidden == model.lm_head.in_features == model.model.norm.weight.numel() < 64
     for layer in model.model.layers:

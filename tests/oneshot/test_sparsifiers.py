@@ -173,13 +173,18 @@ def test_sparsity_zero_leaves_the_weights(cls):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("cls", CLASSES)
-def test_step_without_calibration_fails_and_changes_nothing(cls):
-    model = mlp()
-    s = cls()
+def first_layer_calibrated(cls):
+    """An MLP prepared for ``cls``, with calibration data through its first layer only."""
+    model, s = mlp(), cls()
     s.prepare(model, None)
     with s.calibrate(["0.weight"]):
         model(torch.randn(4, 32))
+    return model, s
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_without_calibration_fails_and_changes_nothing(cls):
+    model, s = first_layer_calibrated(cls)
     before = snapshot(model)
     with pytest.raises(StateError, match=r"no calibration data reached \['2.weight'\]"):
         s.step()
@@ -188,11 +193,7 @@ def test_step_without_calibration_fails_and_changes_nothing(cls):
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_layer_assumed_to_see_white_inputs_is_pruned_by_magnitude_and_kept_as_it_was(cls):
-    model = mlp()
-    s = cls()
-    s.prepare(model, None)
-    with s.calibrate(["0.weight"]):
-        model(torch.randn(4, 32))
+    model, s = first_layer_calibrated(cls)
     assert s.uncalibrated(["0.weight", "2.weight"]) == ["2.weight"]
     weight = model[2].weight.detach().clone()
     s.assume_white_inputs(s.uncalibrated(["2.weight"]))

@@ -201,9 +201,10 @@ def _auto(
     unreached = stand_in_inputs(inputs, banks)
     new, report = {}, DeployReport()
     options: dict[str, dict[str, dict[str, nn.Module]]] = {bank: {} for bank in banks}
-    last = {bank_of(fqn, banks): fqn for fqn in targets}  # a bank's experts are consecutive
+    owner = {fqn: bank_of(fqn, banks) for fqn in targets}
+    last = {bank: fqn for fqn, bank in owner.items()}  # a bank's experts are consecutive
     for fqn, module in targets.items():
-        bank = bank_of(fqn, banks)
+        bank = owner[fqn]
         if fqn in inputs:
             new[fqn], choice, candidates = _auto_layer(fqn, module, inputs[fqn], build,
                                                        margin, expert=bank is not None)

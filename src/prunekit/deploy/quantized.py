@@ -228,9 +228,10 @@ def sparse_quantize(
         _targets(model)  # fail on a bad layer before paying for the copy
     work = deepcopy_model(model)  # the copy loses its masks; the model keeps its own
     with unfused_experts(work) as banks:
-        experts = {fqn: m for fqn, m in _targets(work).items() if bank_of(fqn, banks)}
+        targets = _targets(work)
+        experts = {fqn: m for fqn, m in targets.items() if bank_of(fqn, banks)}
         check_deployable(banks, experts, "sparse_quantize")
-        _quantize(work, batches, dynamic)
+        _quantize(work, targets, batches, dynamic)
         quantized = {fqn: work.get_submodule(fqn) for fqn in experts}
         for fqn, layer in experts.items():
             put_module(work, fqn, layer)  # the bank's own layers back for the way out
@@ -238,9 +239,11 @@ def sparse_quantize(
     return work
 
 
-def _quantize(work: nn.Module, batches: list[Any], dynamic: bool) -> None:
-    """Every Linear-like layer of ``work`` (experts unfused) as sparse int8, in place."""
-    targets = {fqn: _squash(m) for fqn, m in _targets(work).items()}
+def _quantize(work: nn.Module, found: dict[str, nn.Module], batches: list[Any], dynamic: bool
+              ) -> None:  # fmt: skip
+    """The Linear-like layers ``found`` in ``work`` (experts unfused) as sparse int8, in
+    place."""
+    targets = {fqn: _squash(m) for fqn, m in found.items()}
     for fqn, module in targets.items():
         _set(work, fqn, module)  # a Conv1D's Linear replaces it
     if dynamic:

@@ -199,6 +199,15 @@ def test_inplace_replaces_the_modules_of_the_given_model():
     assert same is model and isinstance(model[0], SparseLinear)
 
 
+def test_a_partly_deployed_model_deploys_the_rest_on_a_copy():
+    """to_sparse deep-copies the model first, deployed layers (CSR buffers) included."""
+    first = to_sparse(sparse_mlp(), layout="csr", modules=["0"])
+    second = to_sparse(first, layout="csr")
+    assert isinstance(second[2], SparseLinear) and isinstance(first[2], nn.Linear)
+    assert second[0].weight is not first[0].weight
+    torch.testing.assert_close(second(X), first(X))
+
+
 def test_state_dict_of_a_deployed_model_round_trips():
     source = to_sparse(sparse_mlp((4, 4)), layout="bsr")
     other = to_sparse(sparse_mlp((4, 4), sparsity=0.5), layout="bsr")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -83,6 +84,19 @@ def test_state_dict_round_trip_with_a_different_number_of_nonzeros(layout):
     assert list(state) == keys  # the caller's dict is not modified
     x = torch.randn(4, 32)
     torch.testing.assert_close(target(x), source(x))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
+def test_deepcopy_gives_a_module_of_its_own(layout):
+    """torch cannot deepcopy compressed tensors (no storage); the module clones its own."""
+    sparse = SparseLinear.from_dense(_linear(), layout)
+    twin = copy.deepcopy(nn.Sequential(sparse, nn.ReLU()))[0]
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(twin(x), sparse(x), atol=0, rtol=0)
+    assert twin.weight is not sparse.weight and twin.layout is not sparse.layout
+    with torch.no_grad():
+        twin.weight.values().zero_()
+    assert sparse.dense_weight().count_nonzero() > 0
 
 
 def test_a_dense_checkpoint_loads_into_a_sparse_module():

@@ -134,6 +134,28 @@ def test_state_dict_round_trips_which_torch_classes_cannot(dynamic):
     torch.testing.assert_close(target(X), source(X), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("engine", ["x86", "qnnpack", "fbgemm"])
+@pytest.mark.parametrize("copier", ["deepcopy", "torch.save"])
+def test_copies_under_any_global_engine_run_and_save(dynamic, engine, copier, monkeypatch):
+    """torch pickles the packed weights under the global engine and drops the module's
+    state: a copy failed ('Unknown qengine') or could not save its state_dict."""
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"no {engine} engine in this torch build")
+    model = sparse_quantize(sparse_mlp((1, 4)), None if dynamic else [X], dynamic=dynamic)
+    monkeypatch.setattr(torch.backends.quantized, "engine", engine)
+    if copier == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)  # the test's own file
+    torch.testing.assert_close(twin(X), model(X), atol=0, rtol=0)
+    assert list(twin.state_dict()) == list(model.state_dict())
+    assert torch.backends.quantized.engine == engine
+
+
 def test_static_without_calibration_is_refused():
     with pytest.raises(ConfigError, match=r"static int8 needs calibration_batches .*got none"):
         sparse_quantize(sparse_mlp(), dynamic=False)

@@ -9,6 +9,7 @@ into a deployed model.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -111,6 +112,15 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._matmul(x.reshape(-1, self.in_features))
         return self._out(y.reshape(*x.shape[:-1], self.out_features))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparseLinear:
+        """A copy with its own packed weight: torch's ``Tensor.__deepcopy__`` reaches for
+        the storage, which compressed (CSR, BSR) tensors do not have; ``clone`` copies them."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        memo.setdefault(id(self.weight), self.weight.clone())
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, *args: Any) -> None:
         super()._save_to_state_dict(destination, prefix, *args)

@@ -80,6 +80,18 @@ class _EnginePackedParams(LinearPackedParams):
         with quantized_engine(self.engine, "sparse int8 prepack"):
             super().set_weight_bias(*args)
 
+    # torch pickles the packed object itself, which only the global engine that packed it
+    # can read, and restores nothing of nn.Module's state: deepcopy, pickle and
+    # torch.save(model) failed or gave a module that could not save its state_dict.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_packed_params": self._weight_bias()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        unpacked = state.pop("_packed_params")
+        nn.Module.__setstate__(self, state)
+        self.set_weight_bias(*unpacked)
+
 
 class _FbgemmPackedParams(_EnginePackedParams):
     engine = STATIC_ENGINE

@@ -1,6 +1,6 @@
 """Sparse inference speed: prunekit.deploy layouts vs dense fp32 and dense dynamic int8.
 
-Run: ``python -m benchmarks.deploy [--quick]``. BERT-base sizes: Linear 768->3072 (fc1),
+Run: ``python -m benchmarks.deploy [--quick] [--dtype bfloat16]``. BERT-base sizes: Linear 768->3072 (fc1),
 3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32/128 tokens, 50/70/90/95%
 sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell compares with dense fp32,
 in one process on the same input: dense dynamic int8 (torch quantize_dynamic), CSR, BSR
@@ -16,6 +16,10 @@ heap (``heap_allocations``), so a deep copy of the model reads its weights as fa
 the original. Every cell seeds its own weights, so a cell that ran disturbed
 (the host stalled the VM, or another process oversubscribed the cores) is re-measured on
 the same weights (``remeasure_stalls``).
+
+``--dtype bfloat16`` (or ``float16``) runs the model in that dtype against dense in
+that dtype (``results/deploy-bfloat16.md``): torch's CPU CSR/BSR kernels and its int8
+path take float32 only, so the row-block kernel and ``auto`` are the sparse columns.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ QUICK = {
     "patterns": {"unstructured": (1, 1), "16x16": (16, 16)},
 }
 SPARSE = ["csr", "bsr", "row_blocks", "sparse_int8"]
+FLOAT32_ONLY = {"int8", "csr", "bsr", "sparse_int8"}  # torch's CPU kernels for these
+DENSE_NAMES = {"float32": "dense fp32", "bfloat16": "dense bf16", "float16": "dense fp16"}
 STALL, STALL_TRIES = 1.3, 3
 
 
@@ -74,29 +80,32 @@ def make_model(dims: list[tuple[int, int]], block: tuple[int, int], sparsity: fl
 
 
 def candidates(model: nn.Module, x: torch.Tensor, pattern: str) -> tuple[dict[str, nn.Module], str]:
-    """Every deployment of ``model``, and what auto chose per layer."""
+    """Every deployment of ``model`` that runs in its dtype, and what auto chose per layer."""
+    builders: dict[str, Callable[[nn.Module], nn.Module]] = {
+        "dense_twin": copy.deepcopy,  # gauges the timing noise between equals
+        "int8": lambda m: quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8),
+        "csr": lambda m: to_sparse(m, layout="csr"),
+        "row_blocks": lambda m: to_sparse(m, layout="row_blocks"),
+        "sparse_int8": sparse_quantize,
+    }
+    if pattern in ("4x4", "16x16"):
+        builders["bsr"] = lambda m: to_sparse(m, layout="bsr")
+    if x.dtype != torch.float32:
+        builders = {k: v for k, v in builders.items() if k not in FLOAT32_ONLY}
+    models = {"dense": model}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        models = {
-            "dense": model,
-            "dense_twin": copy.deepcopy(model),  # gauges the timing noise between equals
-            "int8": quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8),
-            "csr": to_sparse(model, layout="csr"),
-            "row_blocks": to_sparse(model, layout="row_blocks"),
-            "sparse_int8": sparse_quantize(model),
-        }
-    if pattern in ("4x4", "16x16"):
-        models["bsr"] = to_sparse(model, layout="bsr")
+        models |= {name: build(model) for name, build in builders.items()}
     models["auto"] = to_sparse(model, x)
     chosen = "/".join(models["auto"].deploy_report.chosen().values())
     return models, chosen
 
 
 def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsity: float,
-         repeats: int) -> dict[str, Any]:  # fmt: skip
+         repeats: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:  # fmt: skip
     torch.manual_seed(zlib.crc32(repr((shape, tokens, pattern, sparsity)).encode()))
-    model = make_model(dims, block, sparsity)
-    x = torch.randn(tokens, dims[0][0])
+    model = make_model(dims, block, sparsity).to(dtype)
+    x = torch.randn(tokens, dims[0][0]).to(dtype)
     models, chosen = candidates(model, x, pattern)
     dense_s: list[float] = []
     speedups: dict[str, float] = {}
@@ -107,7 +116,7 @@ def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsi
             dense_s += base_s
     row: dict[str, Any] = {
         "shape": shape, "tokens": tokens, "pattern": pattern, "sparsity": sparsity,
-        "dense_ms": 1e3 * statistics.median(dense_s), "int8_x": speedups["int8"],
+        "dense_ms": 1e3 * statistics.median(dense_s), "int8_x": speedups.get("int8"),
     }  # fmt: skip
     for name in SPARSE:
         row[f"{name}_x"] = speedups.get(name)
@@ -119,7 +128,7 @@ def cell(shape: str, dims: list, tokens: int, pattern: str, block: tuple, sparsi
 
 def _disturbance(row: dict[str, Any], dense_limit: float, lower: dict[str, Any] | None
                  ) -> float:  # fmt: skip
-    """How far past plausible ``row`` ran (> 1: disturbed). Dense fp32 time does not
+    """How far past plausible ``row`` ran (> 1: disturbed). Dense time does not
     depend on the zeros, so it may not exceed ``dense_limit``; a sparse layout's work
     only shrinks as sparsity rises, so its speed-up may not fall by ``STALL`` from the
     cell ``lower`` (same shape, tokens and pattern, the next sparsity down)."""
@@ -135,7 +144,7 @@ def remeasure_stalls(
     rows: list[dict[str, Any]], measure: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> int:
     """Re-measure (up to ``STALL_TRIES`` times, keeping the least disturbed) every cell
-    that ran disturbed (``_disturbance``): dense fp32 over ``STALL`` x the median of its
+    that ran disturbed (``_disturbance``): dense over ``STALL`` x the median of its
     shape and token count (the host stalled this VM: every model of the cell 3-7x slower
     for seconds), or a sparse layout ``STALL`` x slower than at the sparsity below (its
     kernel's threads fought another process's: 20-50x slower, dense barely touched).
@@ -167,7 +176,7 @@ def remeasure_stalls(
 
 def crossover(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (shape, tokens, pattern) and layout: the lowest sparsity from which the layout
-    beats dense fp32 at every higher sparsity measured ("-" if it never does)."""
+    beats dense at every higher sparsity measured ("-" if it never does)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["shape"], row["tokens"], row["pattern"]), []).append(row)
@@ -187,7 +196,8 @@ def _all_dense(row: dict[str, Any]) -> bool:
     return set(row["auto_chose"].split("/")) == {"dense"}
 
 
-def summary(rows: list[dict[str, Any]]) -> list[str]:
+def summary(rows: list[dict[str, Any]], dense: str) -> list[str]:
+    """The headline figures; ``dense`` names the baseline (``dense fp32``)."""
     worst = min(rows, key=lambda r: r["auto_x"])
     low = sum(r["auto_x"] < 0.95 for r in rows)
     lines = [
@@ -207,7 +217,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             best = max(SPARSE, key=lambda n: r[f"{n}_x"] or 0.0)
             lines.append(
                 f"- 90% {r['pattern']} blocks, {r['shape']}, {tokens} tokens: best sparse "
-                f"{best} {r[f'{best}_x']:.2f}x dense fp32 (target >= 1.5x)"
+                f"{best} {r[f'{best}_x']:.2f}x {dense} (target >= 1.5x)"
             )
     return lines
 
@@ -220,14 +230,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
+    args = parse_args(__doc__.splitlines()[0], argv,
+                      [("--dtype", "float32 (default), bfloat16 or float16")])
+    name = args.dtype or "float32"
+    if name not in DENSE_NAMES:
+        raise SystemExit(f"--dtype must be one of {list(DENSE_NAMES)}, got {name!r}")
+    dtype, dense = getattr(torch, name), DENSE_NAMES[name]
     heap_allocations()
     gc.freeze()  # interleaved() collects before every call; skip torch's import-time objects
     config = QUICK if args.quick else FULL
     def measure(row: dict[str, Any]) -> dict[str, Any]:
         shape, pattern = row["shape"], row["pattern"]
         return cell(shape, config["shapes"][shape], row["tokens"], pattern,
-                    config["patterns"][pattern], row["sparsity"], args.repeats)
+                    config["patterns"][pattern], row["sparsity"], args.repeats, dtype)
 
     rows = [
         measure({"shape": shape, "tokens": tokens, "pattern": pattern, "sparsity": sparsity})
@@ -236,12 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     redone = remeasure_stalls(rows, measure)
     notes = "\n".join(
-        [*summary(rows), f"- {redone} cells re-measured as disturbed (dense fp32 more than "
+        [*summary(rows, dense), f"- {redone} cells re-measured as disturbed ({dense} more than "
          f"{STALL}x the median of its shape and tokens, or a sparse layout {STALL}x slower "
          "than at the sparsity below).", "",
-         "Crossover sparsity (beats dense fp32 from here up):", "", markdown(crossover(rows))]
+         f"Crossover sparsity (beats {dense} from here up):", "", markdown(crossover(rows))]
     )  # fmt: skip
-    path = write_results("deploy", rows, notes=notes, quick=args.quick)
+    stem = "deploy" if dtype == torch.float32 else f"deploy-{name}"
+    path = write_results(stem, rows, notes=notes, quick=args.quick)
     print(path.read_text())
 
 

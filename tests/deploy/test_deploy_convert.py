@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunekit.deploy import LAYOUTS, SparseConv1x1, SparseLinear, to_sparse
+from prunekit.deploy import LAYOUTS, SparseConv1x1, SparseLinear, native, to_sparse
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
 from prunekit.parametrization import FakeSparsity
 from tests.deploy._models import block_sparse, sparse_mlp
@@ -63,9 +63,11 @@ def test_auto_leaves_layers_dense_when_sparse_cannot_win():
 def test_auto_keeps_a_pick_only_if_paired_timing_confirms_the_margin(monkeypatch, paired, kept):
     """The interleaved round says CSR is 10x faster; the paired look decides."""
     import prunekit.deploy.convert as convert
+    import prunekit.deploy.model_round as model_round
 
     monkeypatch.setattr(convert, "time_candidates", lambda c, x: {"dense": 1.0, "csr": 0.1})
     monkeypatch.setattr(convert, "confirmed_speedup", lambda dense, sparse, x: paired)
+    monkeypatch.setattr(model_round, "confirmed_speedup", lambda dense, sparse, x: 1.0)
     model = sparse_mlp(sparsity=0.9)
     deployed = to_sparse(model, X, margin=0.1)
     report = deployed.deploy_report["0"]
@@ -297,5 +299,21 @@ def test_a_layout_whose_kernel_refuses_the_dtype_is_an_error_or_skipped_by_auto(
         to_sparse(model, layout="csr", inplace=True)
     assert_unchanged(before, model)
     deployed = to_sparse(model, X.to(torch.bfloat16))
-    assert deployed.deploy_report.chosen() == {"0": "dense", "2": "dense"}
     assert any("'csr' failed to run" in s for s in deployed.deploy_report["0"].skipped)
+    assert not any(c.startswith(("csr", "bsr")) for c in deployed.deploy_report.chosen().values())
+
+
+@pytest.mark.skipif(native.row_block_kernel_error() is not None, reason="no row-block kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cast", ["before", "after"])
+def test_16_bit_models_run_on_row_blocks(dtype, cast):
+    """Deployed from a 16-bit model, or cast after deploying (packed weights and bias
+    follow ``.to``): the output is the dense 16-bit model's, up to summation order."""
+    model = sparse_mlp((1, 4), sparsity=0.9)
+    deployed = to_sparse(model.to(dtype) if cast == "before" else model, layout="row_blocks")
+    deployed.to(dtype)
+    assert deployed[0].weight.dtype == deployed[0].bias.dtype == dtype
+    x = X.to(dtype)
+    got = deployed(x)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, model.to(dtype)(x))

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
+    "RUN_ERRORS",
     "Args",
     "capture_args",
     "choose",
@@ -35,6 +37,7 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 Args = tuple[Any, ...]  # the positional args of one call: what a module is timed on
+RUN_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)  # a kernel refusing
 
 
 def _call(module: nn.Module, x: torch.Tensor | Args) -> Any:
@@ -43,8 +46,7 @@ def _call(module: nn.Module, x: torch.Tensor | Args) -> Any:
 
 
 def _is_cuda(x: torch.Tensor | Args) -> bool:
-    tensors = [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
-    return any(t.is_cuda for t in tensors)
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves(x))
 
 
 def capture_args(

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from prunekit.deploy.auto import Args, capture_args, choose, confirmed_speedup, time_candidates
+from prunekit.deploy.auto import (
+    RUN_ERRORS,
+    Args,
+    capture_args,
+    choose,
+    confirmed_speedup,
+    time_candidates,
+)
 from prunekit.deploy.experts import (
     bank_of,
     check_deployable,
@@ -21,6 +28,7 @@ from prunekit.deploy.experts import (
     stand_in_inputs,
 )
 from prunekit.deploy.layouts import LAYOUTS, Layout, check_float_weight
+from prunekit.deploy.model_round import model_round
 from prunekit.deploy.modules import SparseConv1D, SparseConv1x1, SparseLinear, is_pointwise_conv
 from prunekit.deploy.report import DeployReport, LayerChoice
 from prunekit.errors import ConfigError, ConfigTypeError, FqnError
@@ -33,9 +41,6 @@ __all__ = ["to_sparse"]
 # An expert's own timing (seconds): a fifth of a layer's, its bank's round decides.
 EXPERT_TIMING = {"budget_s": 0.02, "sample_s": 0.004}
 # What torch's sparse constructors and kernels raise for an unsupported dtype/shape/device.
-_KERNEL_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)
-
-
 def _kind(module: nn.Module) -> type[SparseLinear] | None:
     source = type_before_parametrizations(module)
     if source is nn.Linear:
@@ -150,7 +155,7 @@ def _trial(fqn: str, module: nn.Module, layout: Layout, x: torch.Tensor, build: 
         candidate = _deployed_kind(module).from_dense(module, layout, build.contiguous)
         with torch.inference_mode():
             candidate(x)
-    except _KERNEL_ERRORS as exc:
+    except RUN_ERRORS as exc:
         where = _where(fqn, module)
         raise ConfigError(f"{where}: layout {layout.describe()!r} failed to run: {exc}") from exc
     return candidate
@@ -338,4 +343,7 @@ def to_sparse(
     deploy_banks(work, banks, per_bank)
     layers = sorted(report.layers + chosen.layers, key=lambda c: order.index(c.fqn))
     work.deploy_report = DeployReport(layers)
+    if layout == "auto":
+        model_round(work, {fqn: targets[fqn] for fqn in outside}, outside, example_inputs,
+                    contiguous_outputs, margin, work.deploy_report)
     return work

@@ -238,7 +238,9 @@ class RowBlockLayout(Layout):
     """Rows of 1 x c blocks (c = 1 is plain CSR) multiplied by prunekit's own CPU kernel
     (``prunekit.deploy.native``): one index per block, so 1x4 and other non-square
     blocks that torch's CPU BSR refuses run block-wise; any (r, c) block is r rows of
-    1 x c blocks. Stored as a torch BSR tensor with blocksize (1, c)."""
+    1 x c blocks. Stored as a torch BSR tensor with blocksize (1, c). Every float dtype:
+    the only sparse CPU layout for bfloat16 and float16 models (read as stored, summed in
+    float32), which torch's CPU CSR and BSR kernels refuse."""
 
     name = "row_blocks"
 
@@ -248,11 +250,6 @@ class RowBlockLayout(Layout):
     @classmethod
     def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
         check_float_weight(weight, where)
-        if weight.dtype not in (torch.float32, torch.float64):
-            raise ConfigError(
-                f"{where}: layout 'row_blocks' multiplies float32/float64 weights; got "
-                f"{weight.dtype} (use 'dense', or 'semi_structured' on CUDA)"
-            )
         if weight.device.type != "cpu":
             raise ConfigError(
                 f"{where}: layout 'row_blocks' is a CPU kernel; the weight is on "
@@ -274,8 +271,16 @@ class RowBlockLayout(Layout):
         return cls(width)
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """BSR with int32 indices where they fit: the kernel reads one per block, and at
+        one token and 1x1 blocks int64 ones are more bytes than a 16-bit weight's value."""
         with _quiet_beta():
-            return weight.detach().contiguous().to_sparse_bsr((1, self.width))
+            packed = weight.detach().contiguous().to_sparse_bsr((1, self.width))
+            if packed.values().shape[0] > torch.iinfo(torch.int32).max:
+                return packed
+            return torch.sparse_bsr_tensor(
+                packed.crow_indices().int(), packed.col_indices().int(), packed.values(),
+                packed.shape, check_invariants=False,  # torch's own, narrowed
+            )
 
     def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
         # (out, tokens) transposed back: a view, which the next row-block layer (after an

@@ -26,6 +26,7 @@ class DeployReport:
     """Per-layer choices, printable as a table."""
 
     layers: list[LayerChoice] = field(default_factory=list)
+    model: str = ""  # what auto's model round measured and kept, if it ran
 
     def __getitem__(self, fqn: str) -> LayerChoice:
         for layer in self.layers:
@@ -48,4 +49,4 @@ class DeployReport:
                 f"| {x.fqn} | {x.module_type} | {x.shape[0]}x{x.shape[1]} | {x.sparsity:.2f} "
                 f"| {x.layout} | {x.reason} |"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + ([f"\n{self.model}"] if self.model else []))

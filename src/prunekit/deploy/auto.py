@@ -37,7 +37,9 @@ def run_model(model: nn.Module, example_inputs: Any) -> Any:
 
 
 Args = tuple[Any, ...]  # the positional args of one call: what a module is timed on
-RUN_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)  # a kernel refusing
+# What torch's sparse constructors and kernels raise for an unsupported dtype, shape or
+# device, and what a model raises for an input it cannot take (a transposed view).
+RUN_ERRORS = (RuntimeError, ValueError, TypeError, NotImplementedError)
 
 
 def _call(module: nn.Module, x: torch.Tensor | Args) -> Any:

@@ -40,7 +40,8 @@ __all__ = ["to_sparse"]
 
 # An expert's own timing (seconds): a fifth of a layer's, its bank's round decides.
 EXPERT_TIMING = {"budget_s": 0.02, "sample_s": 0.004}
-# What torch's sparse constructors and kernels raise for an unsupported dtype/shape/device.
+
+
 def _kind(module: nn.Module) -> type[SparseLinear] | None:
     source = type_before_parametrizations(module)
     if source is nn.Linear:
@@ -200,11 +201,13 @@ def _auto(
     build: _Build,
     margin: float,
     banks: dict[str, ExpertLayers],
-) -> tuple[dict[str, nn.Module], DeployReport]:
+) -> tuple[dict[str, nn.Module], DeployReport, dict[str, nn.Module]]:
+    """Each target's pick, the report, and for layers outside banks kept dense, their
+    fastest fitting sparse layout (``model_round`` times them all sparse too)."""
     captured = capture_args(model, {**targets, **banks}, example_inputs)
     inputs = _layer_inputs(captured, targets)
     unreached = stand_in_inputs(inputs, banks)
-    new, report = {}, DeployReport()
+    new, report, alternatives = {}, DeployReport(), {}
     options: dict[str, dict[str, dict[str, nn.Module]]] = {bank: {} for bank in banks}
     owner = {fqn: bank_of(fqn, banks) for fqn in targets}
     last = {bank: fqn for fqn, bank in owner.items()}  # a bank's experts are consecutive
@@ -217,6 +220,9 @@ def _auto(
                 choice.reason = f"{unreached[fqn]}: {choice.reason}"
             if bank is not None:
                 options[bank][fqn] = candidates
+            elif choice.layout == "dense" and len(candidates) > 1:
+                fastest = min(set(choice.times_ms) - {"dense"}, key=choice.times_ms.__getitem__)
+                alternatives[fqn] = candidates[fastest]
         else:
             why = unreached.get(fqn, "not called by example_inputs")
             choice = _choice(fqn, module, "dense", why)
@@ -226,7 +232,7 @@ def _auto(
             kept = choose_bank(bank, banks[bank], options.pop(bank), picks, captured[bank],
                                report, margin)
             new.update({f: kept.get(f, targets[f]) for f in picks})
-    return new, report
+    return new, report, alternatives
 
 
 def _auto_layer(fqn: str, module: nn.Module, x: torch.Tensor, build: _Build, margin: float,
@@ -316,6 +322,10 @@ def to_sparse(
     product, which the next sparse layer reads without a copy; ``contiguous_outputs``
     pays the copy (and ``auto`` times it), for models whose code needs the last dimension
     contiguous (Llama 4's and DeepSeek-V2's rotary embedding: ``torch.view_as_complex``).
+    ``auto`` ends with the whole model on ``example_inputs`` (``model_round``): as
+    chosen, with contiguous outputs, with every layer that has a fitting sparse layout
+    in its fastest one, and with its chosen layers dense; the fastest variant that runs
+    is kept, so what reads a sparse output cannot make the model slower.
     Returns the model (a copy unless ``inplace``) with ``model.deploy_report`` saying what
     each layer got and why; on any error the model is left unchanged.
 
@@ -334,8 +344,10 @@ def to_sparse(
         order = list(found)
         targets, report = _with_zeros(found, explicit=modules is not None)
         build = _Build(blocksize, contiguous_outputs)
+        alternatives: dict[str, nn.Module] = {}
         if layout == "auto":
-            new, chosen = _auto(work, targets, example_inputs, build, margin, banks)
+            new, chosen, alternatives = _auto(work, targets, example_inputs, build, margin,
+                                              banks)
         else:
             new, chosen = _fixed(targets, layout, build)
         outside, per_bank = split_choices(new, targets, banks)
@@ -344,6 +356,6 @@ def to_sparse(
     layers = sorted(report.layers + chosen.layers, key=lambda c: order.index(c.fqn))
     work.deploy_report = DeployReport(layers)
     if layout == "auto":
-        model_round(work, {fqn: targets[fqn] for fqn in outside}, outside, example_inputs,
-                    contiguous_outputs, margin, work.deploy_report)
+        model_round(work, {fqn: targets[fqn] for fqn in outside}, outside, alternatives,
+                    example_inputs, contiguous_outputs, margin, work.deploy_report)
     return work

@@ -3,11 +3,12 @@
 Each layer was timed alone, on its input as the dense model computes it. In the model a
 sparse layer's output is a transposed view, and what reads it may run slower than it
 was timed (a dense float16 matmul on a transposed input is 7-10x slower on the CPU,
-bfloat16 1.1-1.4x) or refuse it (``torch.view_as_complex`` in some rotary embeddings).
-So ``auto`` runs the whole model as chosen, as chosen with contiguous outputs, and with
-the layers outside expert banks put back dense (banks were decided on their own inputs,
-by ``prunekit.deploy.experts``), and keeps the fastest that runs: the deployed model
-must not run slower than with its dense layers.
+bfloat16 1.1-1.4x), refuse it (``torch.view_as_complex`` in some rotary embeddings), or
+read it faster (the next layer in row blocks, with no copy). So ``auto`` runs the whole
+model as chosen, as chosen with contiguous outputs, with every layer that has a fitting
+sparse layout in its fastest one, and with the chosen layers dense (only layers outside
+expert banks: banks were decided on their own inputs, by ``prunekit.deploy.experts``),
+and keeps the fastest that runs: the deployed model must not run slower than dense.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ class _Variant(nn.Module):
     ``contiguous_output`` set before each call: variants of one model object take turns
     in paired timing without a copy of it."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], contiguous: bool
-                 ) -> None:  # fmt: skip
+    def __init__(self, name: str, model: nn.Module, layers: dict[str, nn.Module],
+                 contiguous: bool) -> None:  # fmt: skip
         super().__init__()
         object.__setattr__(self, "target", model)  # not a child: its modules stay its own
         object.__setattr__(self, "layers", layers)
-        self.contiguous = contiguous
+        self.name, self.contiguous = name, contiguous
 
     def install(self) -> None:
         for fqn, layer in self.layers.items():
@@ -60,10 +61,27 @@ def _runs(variant: _Variant, example_inputs: Any) -> str | None:
     return None
 
 
+def _fastest(running: dict[str, _Variant], base: _Variant, args: tuple[Any], margin: float,
+             notes: list[str]) -> tuple[str, float]:  # fmt: skip
+    """The variant to keep and its paired speed-up over ``base``: the fastest in an
+    interleaved round, if it also beats "as chosen" by ``margin / 2`` in paired timing
+    (a copy, or a layer its own round kept dense, must pay for itself)."""
+    times = time_candidates({"dense": base, **running}, args)
+    notes.append(", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()))
+    best = min(running, key=times.__getitem__)
+    if best != "as chosen" and "as chosen" in running:
+        gain = confirmed_speedup(running["as chosen"], running[best], args)
+        notes.append(f"{best} {gain:.2f}x as chosen in paired timing")
+        if gain * (1 - margin / 2) <= 1:
+            best = "as chosen"
+    return best, confirmed_speedup(base, running[best], args)
+
+
 def model_round(
     model: nn.Module,
     dense: dict[str, nn.Module],
     chosen: dict[str, nn.Module],
+    alternatives: dict[str, nn.Module],
     example_inputs: Any,
     contiguous: bool,
     margin: float,
@@ -71,32 +89,32 @@ def model_round(
 ) -> None:
     """Leave ``model`` (deployed with ``chosen``, ``{fqn: module}`` of the layers outside
     banks, whose dense modules are ``dense``) in its fastest variant that runs on
-    ``example_inputs``, and say which in ``report``. Contiguous outputs replace the views
-    if the views fail, or run slower by ``margin / 2`` (``contiguous=True`` asked for
-    them anyway); the layers go back to dense if the deployed model runs slower than with
-    them dense by ``margin / 2`` in paired timing (the noise between equal models here
-    is about 5 %). A model with no sparse layer outside its banks is left as it is."""
+    ``example_inputs``, and say which in ``report``. ``alternatives`` holds, for layers
+    kept dense that have a fitting sparse layout, the fastest one. Contiguous outputs
+    (unless ``contiguous`` asked for them anyway) and every layer sparse replace the
+    choice if they beat it by ``margin / 2`` in paired timing; the layers go back to
+    dense if the model as kept runs slower than dense by ``margin / 2`` (the noise
+    between equal models here is about 5 %)."""
     sparse = [f for f, m in chosen.items() if m is not dense[f]]
-    if not sparse:
+    if not sparse and not alternatives:
         return
-    variants = {"as chosen": _Variant(model, chosen, contiguous)}
-    if not contiguous:
-        variants["contiguous outputs"] = _Variant(model, chosen, True)
+    options = [("as chosen", chosen, contiguous)]
+    if sparse and not contiguous:
+        options.append(("contiguous outputs", chosen, True))
+    if alternatives:
+        options.append(("every layer sparse", {**chosen, **alternatives}, contiguous))
+    variants = {name: _Variant(name, model, *rest) for name, *rest in options}
     failed = {name: error for name, v in variants.items()
               if (error := _runs(v, example_inputs)) is not None}
     running = {name: v for name, v in variants.items() if name not in failed}
-    base = _Variant(model, dense, contiguous)
+    base = _Variant("dense", model, dense, contiguous)
     notes = [f"{name} failed ({error})" for name, error in failed.items()]
     best, speedup = "dense", 0.0
     if running:
-        times = time_candidates({"dense": base, **running}, (example_inputs,))
-        notes.append(", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()))
-        best = min(running, key=times.__getitem__)
-        if best != "as chosen" and "as chosen" in running and (
-                times[best] > times["as chosen"] * (1 - margin / 2)):
-            best = "as chosen"  # the copies must pay for themselves
-        speedup = confirmed_speedup(base, running[best], (example_inputs,))
-    if speedup < 1 - margin / 2:
+        best, speedup = _fastest(running, base, (example_inputs,), margin, notes)
+    if best == "as chosen" and not sparse:
+        best, verdict = "dense", "kept as chosen (dense)"
+    elif speedup < 1 - margin / 2:
         shortfall = f"ran {speedup:.2f}x dense in paired timing" if running else "failed"
         verdict = f"the deployed model {shortfall}: these layers were put back dense"
         best = "dense"
@@ -104,8 +122,11 @@ def model_round(
         verdict = f"kept {best}, {speedup:.2f}x dense in paired timing"
     (base if best == "dense" else running[best]).install()
     report.model = f"model round on example_inputs ({'; '.join(notes)}): {verdict}"
-    for fqn in sparse:
+    changed = {**dict.fromkeys(sparse), **dict.fromkeys(alternatives)}
+    for fqn in changed:
         choice = report[fqn]
         choice.reason = f"{choice.reason}; {report.model}"
         if best == "dense":
             choice.layout = "dense"
+        elif best == "every layer sparse" and fqn in alternatives:
+            choice.layout = alternatives[fqn].layout.describe()

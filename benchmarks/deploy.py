@@ -1,21 +1,22 @@
 """Sparse inference speed: prunekit.deploy layouts vs dense fp32 and dense dynamic int8.
 
-Run: ``python -m benchmarks.deploy [--quick] [--dtype bfloat16]``. BERT-base sizes: Linear 768->3072 (fc1),
-3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32/128 tokens, 50/70/90/95%
-sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell compares with dense fp32,
-in one process on the same input: dense dynamic int8 (torch quantize_dynamic), CSR, BSR
-(square blocks; MKL takes no other on the CPU), prunekit's row-block kernel (1 x c blocks,
-c inferred from the zeros: 1 for unstructured), sparse dynamic int8 (``sparse_quantize``,
-1x4 blocks, qnnpack), ``to_sparse(layout="auto")`` and an exact copy of the dense model
-(``dense_twin``: the noise between equals). Columns ``*_x`` are speed-ups over dense fp32
-(> 1: faster), each the median ratio over ``repeats`` ABBA blocks timed against dense
-alone (``prunekit.deploy.auto.paired_samples``): a rotation through every library's
-kernels and thread pools left drift larger than the few percent "auto is never slower"
-is about, and single AB pairs flip by the cost of a switch. All tensors come from the
-heap (``heap_allocations``), so a deep copy of the model reads its weights as fast as
-the original. Every cell seeds its own weights, so a cell that ran disturbed
-(the host stalled the VM, or another process oversubscribed the cores) is re-measured on
-the same weights (``remeasure_stalls``).
+Run: ``python -m benchmarks.deploy [--quick] [--dtype bfloat16]``. BERT-base sizes:
+Linear 768->3072 (fc1), 3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32/128
+tokens, 50/70/90/95% sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell
+compares with dense fp32, in one process on the same input: dense dynamic int8 (torch
+quantize_dynamic), CSR, BSR (square blocks; MKL takes no other on the CPU), prunekit's
+row-block kernel (1 x c blocks, c inferred from the zeros: 1 for unstructured), sparse
+dynamic int8 (``sparse_quantize``, 1x4 blocks, qnnpack), ``to_sparse(layout="auto")``
+and an exact copy of the dense model (``dense_twin``: the noise between equals). Columns
+``*_x`` are speed-ups over dense fp32 (> 1: faster), each the median ratio over
+``repeats`` ABBA blocks timed against dense alone
+(``prunekit.deploy.auto.paired_samples``): a rotation through every library's kernels
+and thread pools left drift larger than the few percent "auto is never slower" is about,
+and single AB pairs flip by the cost of a switch. All tensors come from the heap
+(``heap_allocations``), so a deep copy of the model reads its weights as fast as the
+original. Every cell seeds its own weights, so a cell that ran disturbed (the host
+stalled the VM, or another process oversubscribed the cores) is re-measured on the same
+weights (``remeasure_stalls``).
 
 ``--dtype bfloat16`` (or ``float16``) runs the model in that dtype against dense in
 that dtype (``results/deploy-bfloat16.md``): torch's CPU CSR/BSR kernels and its int8

@@ -118,7 +118,8 @@ class SparseLinear(nn.Module):
         the storage, which compressed (CSR, BSR) tensors do not have; ``clone`` copies them."""
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
-        memo.setdefault(id(self.weight), self.weight.clone())
+        if self.weight.layout in (torch.sparse_csr, torch.sparse_bsr):
+            memo.setdefault(id(self.weight), self.weight.clone())
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
         return clone
 

@@ -37,14 +37,18 @@ class _Variant(nn.Module):
         object.__setattr__(self, "target", model)  # not a child: its modules stay its own
         object.__setattr__(self, "layers", layers)
         self.name, self.contiguous = name, contiguous
+        # Found once, not on every timed call: the model's own sparse layers (experts of
+        # deployed banks) and this variant's.
+        found = [*model.modules(), *layers.values()]
+        object.__setattr__(self, "sparse", list({id(m): m for m in found
+                                                 if isinstance(m, SparseLinear)}.values()))
 
     def install(self) -> None:
         for fqn, layer in self.layers.items():
             if self.target.get_submodule(fqn) is not layer:
                 put_module(self.target, fqn, layer)
-        for module in self.target.modules():
-            if isinstance(module, SparseLinear):
-                module.contiguous_output = self.contiguous
+        for module in self.sparse:
+            module.contiguous_output = self.contiguous
 
     def forward(self, example_inputs: Any) -> Any:
         self.install()

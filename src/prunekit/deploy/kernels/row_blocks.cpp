@@ -135,7 +135,10 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                                     "row_block_linear_t", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-      const auto x = xT.to(acc_type).contiguous();
+      // One copy at most: widened (16-bit) and made contiguous (a transposed view) at once.
+      const auto x = xT.scalar_type() == acc_type && xT.is_contiguous()
+                         ? xT
+                         : at::empty(xT.sizes(), xT.options().dtype(acc_type)).copy_(xT);
       const auto b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
       multiply<scalar_t, acc_t>(w, x.data_ptr<acc_t>(), v.data_ptr<scalar_t>(),
                                 b.defined() ? b.data_ptr<acc_t>() : nullptr, rows, tokens,

@@ -139,7 +139,7 @@ def test_block_shapes_kept_by_the_sparsifier_are_read_in_the_stored_layout():
     model[0].sparse_params = {"sparse_block_shape": (4, 1)}
     assert to_sparse(model, layout="row_blocks").deploy_report["0"].layout == "row_blocks1x4"
     model[0].sparse_params = {"sparse_block_shape": (1, 4)}
-    assert to_sparse(model, layout="row_blocks").deploy_report["0"].layout == "row_blocks1x1"
+    assert to_sparse(model, layout="row_blocks").deploy_report["0"].layout == "row_blocks4x1"
 
 
 def test_a_misfit_names_the_conv1d_and_leaves_the_model_unchanged():

@@ -24,7 +24,7 @@ X = torch.randn(4, 8, 64)
         ("csr", (1, 1), "csr"),
         ("bsr", (4, 4), "bsr4x4"),
         ("row_blocks", (1, 4), "row_blocks1x4"),
-        ("row_blocks", (4, 4), "row_blocks1x4"),
+        ("row_blocks", (4, 4), "row_blocks4x4"),
         ("row_blocks", (1, 1), "row_blocks1x1"),
         ("dense", (1, 1), "dense"),
     ],

@@ -23,7 +23,7 @@ from tests.deploy._models import block_sparse
 
 LAYOUTS = [CsrLayout(), BsrLayout((4, 4))]
 if native.row_block_kernel_error() is None:  # prunekit's kernel builds where a compiler is
-    LAYOUTS += [RowBlockLayout(4), RowBlockLayout(1)]
+    LAYOUTS += [RowBlockLayout((1, 4)), RowBlockLayout((1, 1)), RowBlockLayout((4, 4))]
 
 
 def _linear(bias: bool = True, seed: int = 0) -> nn.Linear:

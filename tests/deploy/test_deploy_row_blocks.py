@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunekit.deploy import RowBlockLayout, SparseLinear, native, to_sparse
-from prunekit.deploy.layouts import infer_row_block_width
+from prunekit.deploy.layouts import infer_row_blocksize
 from prunekit.errors import ConfigError, ConfigTypeError
 from tests.deploy._models import block_sparse, sparse_mlp
 from tests.helpers import assert_unchanged, snapshot
@@ -20,39 +20,48 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _apply(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, width: int):
-    layout = RowBlockLayout.fit(weight, "layer 'w'", (1, width))
+def _apply(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, block: tuple):
+    layout = RowBlockLayout.fit(weight, "layer 'w'", block)
     return layout.linear(x, layout.pack(weight), bias)
 
 
-# 1 token takes the vector path; 64 is one full register tile; 63/65/130 leave a rest.
+# 1 token takes the vector path (partial sums in 16 lanes from width 8, over two runs of
+# them at width 32); 64 is one full register tile of a group of up to 4 rows (32 of 8
+# rows); 63/65/130 leave a rest. Heights 1, 2, 4, 16 take row groups of 1, 2, 4 and 8
+# rows; a height of 3 is stored as blocks of one row.
 @pytest.mark.parametrize("tokens", [0, 1, 2, 63, 64, 65, 130])
-@pytest.mark.parametrize("width", [1, 4, 16])
-def test_every_tile_edge_matches_dense(tokens, width):
-    weight = block_sparse(48, 64, (1, width), 0.8)
+@pytest.mark.parametrize(
+    "block", [(1, 1), (1, 4), (1, 16), (2, 1), (3, 4), (4, 4), (2, 32), (16, 16)]
+)
+def test_every_tile_edge_matches_dense(tokens, block):
+    weight = block_sparse(48, 64, block, 0.8)
     bias = torch.randn(48)
     x = torch.randn(tokens, 64)
-    got = _apply(weight, x, bias, width)
+    got = _apply(weight, x, bias, block)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias))
 
 
 @settings(max_examples=30, deadline=None)
 @given(
-    rows=st.integers(1, 40),
+    block_rows=st.integers(1, 12),
     blocks=st.integers(1, 12),
-    width=st.sampled_from([1, 2, 4, 8]),
+    height=st.sampled_from([1, 2, 3, 4, 8]),
+    width=st.sampled_from([1, 2, 4, 8, 24]),
     sparsity=st.floats(0.0, 1.0),
     tokens=st.integers(1, 80),
     bias=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
 )
-def test_random_shapes_and_dtypes_match_dense(rows, blocks, width, sparsity, tokens, bias, dtype):
+def test_random_shapes_and_dtypes_match_dense(
+    block_rows, blocks, height, width, sparsity, tokens, bias, dtype
+):
     """16-bit weights and inputs are summed in float32 and rounded once, as dense
     bfloat16 matmuls do: the result is the float32 product of the stored values, rounded."""
-    weight = block_sparse(rows, blocks * width, (1, width), sparsity).to(dtype)
+    rows = block_rows * height
+    weight = block_sparse(rows, blocks * width, (height, width), sparsity).to(dtype)
     b = torch.randn(rows, dtype=dtype) if bias else None
     x = torch.randn(tokens, blocks * width, dtype=dtype)
-    got = _apply(weight, x, b, width)
+    got = _apply(weight, x, b, (height, width))
     assert got.dtype == dtype
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     expected = torch.nn.functional.linear(x.to(wide), weight.to(wide), None if b is None
@@ -60,11 +69,25 @@ def test_random_shapes_and_dtypes_match_dense(rows, blocks, width, sparsity, tok
     torch.testing.assert_close(got, expected)
 
 
-def test_square_blocks_run_as_rows_of_the_inferred_width():
-    weight = block_sparse(64, 128, (4, 4), 0.9)
-    assert RowBlockLayout.fit(weight, "w", None).describe() == "row_blocks1x4"
-    assert infer_row_block_width(block_sparse(64, 128, (16, 16), 0.9)) == 16
-    assert infer_row_block_width(weight * (torch.rand(64, 128) > 0.5)) == 1  # zeros inside
+@pytest.mark.parametrize("block", [(4, 4), (16, 16), (1, 4), (4, 1), (2, 8), (1, 1)])
+def test_the_inferred_block_is_the_mask_s_own(block):
+    weight = block_sparse(64, 128, block, 0.9)
+    assert infer_row_blocksize(weight) == block
+    assert RowBlockLayout.fit(weight, "w", None).describe() == f"row_blocks{block[0]}x{block[1]}"
+
+
+@pytest.mark.parametrize(("block", "kept"), [((12, 4), "4x4"), ((3, 4), "1x4"), ((32, 1), "16x1")])
+def test_other_heights_are_stored_in_the_tallest_kernel_height_that_divides_them(block, kept):
+    weight = block_sparse(96, 32, block, 0.5)
+    layout = RowBlockLayout.fit(weight, "w", block)
+    assert layout.describe() == f"row_blocks{kept}"
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(layout.linear(x, layout.pack(weight), None), x @ weight.T)
+
+
+def test_zeros_inside_the_blocks_infer_single_weights():
+    weight = block_sparse(64, 128, (4, 4), 0.9) * (torch.rand(64, 128) > 0.5)
+    assert infer_row_blocksize(weight) == (1, 1)
 
 
 def test_a_chain_passes_transposed_activations_between_layers():
@@ -80,12 +103,15 @@ def test_a_chain_passes_transposed_activations_between_layers():
 def test_auto_times_it_with_the_other_layouts():
     auto = to_sparse(sparse_mlp((1, 4)), torch.randn(64, 64))
     assert "row_blocks1x4" in auto.deploy_report["0"].times_ms
+    auto = to_sparse(sparse_mlp((4, 4)), torch.randn(64, 64))
+    assert "row_blocks4x4" in auto.deploy_report["0"].times_ms
 
 
 @pytest.mark.parametrize(
     ("weight", "blocksize", "error", "message"),
     [
-        (block_sparse(8, 12, (1, 4), 0.5), (1, 8), ConfigError, r"width 8 do not divide the 12"),
+        (block_sparse(8, 12, (1, 4), 0.5), (1, 8), ConfigError, r"\(1, 8\) do not divide.*12\)"),
+        (block_sparse(8, 12, (1, 4), 0.5), (3, 4), ConfigError, r"\(3, 4\) do not divide.*12\)"),
         (torch.zeros(8, 8, dtype=torch.int8), None, ConfigTypeError, r"dtype is torch.int8"),
         (torch.zeros(8, 8, device="meta"), None, ConfigError, r"CPU kernel; the weight is on meta"),
     ],
@@ -100,23 +126,39 @@ def test_the_op_checks_its_operands():
     args = (packed.crow_indices(), packed.col_indices(), packed.values())
     with pytest.raises(RuntimeError, match="bias has 3 entries for 8 rows"):
         torch.ops.prunekit.row_block_linear_t(torch.randn(16, 2), *args, torch.randn(3))
-    with pytest.raises(RuntimeError, match="values must have the input's dtype"):
+    with pytest.raises(RuntimeError, match=r"values must be \(blocks, h, c\) of the input's dtype"):
         torch.ops.prunekit.row_block_linear_t(torch.randn(16, 2, dtype=torch.float64), *args, None)
     with pytest.raises(RuntimeError, match="both int32 or both int64, got Int and Long"):
         torch.ops.prunekit.row_block_linear_t(torch.randn(16, 2), args[0].int(), *args[1:], None)
+    tall = block_sparse(9, 16, (3, 4), 0.5).to_sparse_bsr((3, 4))
+    with pytest.raises(RuntimeError, match="blocks of 3 rows; the kernel takes 1, 2, 4, 8 or 16"):
+        torch.ops.prunekit.row_block_linear_t(
+            torch.randn(16, 2), tall.crow_indices(), tall.col_indices(), tall.values(), None
+        )
 
 
 def test_weights_pack_with_int32_indices_and_int64_ones_still_run():
     """int32 indices are fewer bytes per block to read; a weight packed by torch (int64,
     as in a state_dict saved packed) still loads and multiplies."""
-    dense = SparseLinear(block_sparse(8, 16, (1, 4), 0.5), None, RowBlockLayout(4))
+    dense = SparseLinear(block_sparse(8, 16, (1, 4), 0.5), None, RowBlockLayout((1, 4)))
     assert dense.weight.col_indices().dtype == torch.int32
     assert dense.weight.crow_indices().dtype == torch.int32
-    other = SparseLinear(torch.zeros(8, 16), None, RowBlockLayout(4))
+    other = SparseLinear(torch.zeros(8, 16), None, RowBlockLayout((1, 4)))
     other.load_state_dict({"weight": dense.dense_weight().to_sparse_bsr((1, 4))})
     assert other.weight.col_indices().dtype == torch.int64
     x = torch.randn(3, 16)
     torch.testing.assert_close(other(x), dense(x), atol=0, rtol=0)
+
+
+def test_a_weight_packed_in_other_blocks_loads_in_the_module_s_own():
+    """A checkpoint packed as 1 x 4 blocks (by torch, or a build that chose those) loads
+    into a module deployed as 4 x 4 blocks, re-packed."""
+    weight = block_sparse(8, 16, (4, 4), 0.5)
+    module = SparseLinear(torch.zeros(8, 16), None, RowBlockLayout((4, 4)))
+    module.load_state_dict({"weight": weight.to_sparse_bsr((1, 4))})
+    assert module.weight.values().shape[1:] == (4, 4)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(module(x), x @ weight.T)
 
 
 def test_without_a_compiler_the_layout_is_refused_and_auto_skips_it(monkeypatch):

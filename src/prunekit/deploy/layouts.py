@@ -220,32 +220,45 @@ class BsrLayout(Layout):
         return f"bsr{self.blocksize[0]}x{self.blocksize[1]}"
 
 
-# Row blocks the row-block kernel tries, widest first (fewest indices per nonzero).
-_ROW_BLOCKS = ((1, 16), (1, 8), (1, 4), (1, 2))
+# Blocks the row-block kernel tries, largest first (fewest indices per nonzero), the
+# taller first of equal size (more rows share each activation it loads).
+_ROW_BLOCK_HEIGHTS = (16, 8, 4, 2, 1)  # those the kernel is compiled for
+_ROW_BLOCKS = tuple(
+    sorted(
+        ((h, c) for h in _ROW_BLOCK_HEIGHTS for c in (16, 8, 4, 2, 1) if h * c > 1),
+        key=lambda block: (-block[0] * block[1], -block[0]),
+    )
+)
 
 
-def infer_row_block_width(weight: torch.Tensor) -> int:
-    """The widest run ``c`` such that 1 x c blocks store at most 2% of the weight beyond
-    its true density (as ``infer_blocksize``); 1 when the zeros have no row structure."""
+def infer_row_blocksize(weight: torch.Tensor) -> tuple[int, int]:
+    """The coarsest ``h x c`` block (up to 16 x 16) that stores at most 2% of the weight
+    beyond its true density (as ``infer_blocksize``); 1 x 1 when the zeros have no
+    block structure."""
     nonzero = weight.detach() != 0
     density = nonzero.float().mean().item()
-    block = _coarsest_fitting_block(nonzero, density, _ROW_BLOCKS)
-    return 1 if block is None else block[1]
+    # A block that fits has a fitting refinement, 1 x 2 or 2 x 1: one of those first
+    # spares an unstructured weight the other 22 tries.
+    if _coarsest_fitting_block(nonzero, density, ((1, 2), (2, 1))) is None:
+        return (1, 1)
+    return _coarsest_fitting_block(nonzero, density, _ROW_BLOCKS) or (1, 1)
 
 
 @register_layout
 class RowBlockLayout(Layout):
-    """Rows of 1 x c blocks (c = 1 is plain CSR) multiplied by prunekit's own CPU kernel
-    (``prunekit.deploy.native``): one index per block, so 1x4 and other non-square
-    blocks that torch's CPU BSR refuses run block-wise; any (r, c) block is r rows of
-    1 x c blocks. Stored as a torch BSR tensor with blocksize (1, c). Every float dtype:
-    the only sparse CPU layout for bfloat16 and float16 models (read as stored, summed in
+    """Blocks of h x c (1 x 1 is plain CSR) multiplied by prunekit's own CPU kernel
+    (``prunekit.deploy.native``): one index per block, non-square blocks (1 x 4 and
+    others, which torch's CPU BSR refuses), and the rows of a block (up to 8 at a time)
+    share each activation they load. Heights 1, 2, 4, 8 and 16; a block of another
+    height is stored as blocks of the tallest of those that divides it (a 12 x 4 block
+    as 4 x 4 ones). Stored as a torch BSR tensor. Every float dtype: the
+    only sparse CPU layout for bfloat16 and float16 models (read as stored, summed in
     float32), which torch's CPU CSR and BSR kernels refuse."""
 
     name = "row_blocks"
 
-    def __init__(self, width: int) -> None:
-        self.width = width
+    def __init__(self, blocksize: tuple[int, int]) -> None:
+        self.blocksize = blocksize
 
     @classmethod
     def fit(cls, weight: torch.Tensor, where: str, blocksize: tuple[int, int] | None) -> Layout:
@@ -255,12 +268,12 @@ class RowBlockLayout(Layout):
                 f"{where}: layout 'row_blocks' is a CPU kernel; the weight is on "
                 f"{weight.device} (use 'bsr' or 'semi_structured' there)"
             )
-        cols = weight.shape[1]
-        width = int(blocksize[1]) if blocksize is not None else infer_row_block_width(weight)
-        if width < 1 or cols % width:
+        rows, cols = weight.shape
+        block = tuple(blocksize) if blocksize is not None else infer_row_blocksize(weight)
+        if len(block) != 2 or min(block) < 1 or rows % block[0] or cols % block[1]:
             raise ConfigError(
-                f"{where}: row blocks of width {width} do not divide the {cols} input "
-                "features of the weight"
+                f"{where}: row blocks of {tuple(block)} do not divide the weight shape "
+                f"{(rows, cols)}; expected a block (r, c) with {rows} % r == 0 and {cols} % c == 0"
             )
         error = native.row_block_kernel_error()
         if error is not None:
@@ -268,13 +281,15 @@ class RowBlockLayout(Layout):
                 f"{where}: layout 'row_blocks' needs prunekit's C++ kernel, which could not "
                 f"be built here (a C++ compiler and ninja are needed): {error}"
             )
-        return cls(width)
+        # Blocks of any height are blocks of the tallest kernel height that divides it.
+        height = next(h for h in _ROW_BLOCK_HEIGHTS if block[0] % h == 0)
+        return cls((height, int(block[1])))
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """BSR with int32 indices where they fit: the kernel reads one per block, and at
         one token and 1x1 blocks int64 ones are more bytes than a 16-bit weight's value."""
         with _quiet_beta():
-            packed = weight.detach().contiguous().to_sparse_bsr((1, self.width))
+            packed = weight.detach().contiguous().to_sparse_bsr(self.blocksize)
             if packed.values().shape[0] > torch.iinfo(torch.int32).max:
                 return packed
             return torch.sparse_bsr_tensor(
@@ -288,7 +303,7 @@ class RowBlockLayout(Layout):
         return native.row_block_linear_t(x2d.T, packed, bias).T
 
     def describe(self) -> str:
-        return f"row_blocks1x{self.width}"
+        return f"row_blocks{self.blocksize[0]}x{self.blocksize[1]}"
 
 
 def is_two_four(weight: torch.Tensor) -> bool:

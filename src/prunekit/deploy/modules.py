@@ -144,6 +144,12 @@ class SparseLinear(nn.Module):
 
     def _repack(self, incoming: torch.Tensor, key: str) -> torch.Tensor:
         current = self.weight
+        if (
+            incoming.layout == current.layout == torch.sparse_bsr
+            and incoming.shape == current.shape
+            and incoming.values().shape[1:] != current.values().shape[1:]
+        ):  # packed in other blocks (by hand, or by a build that chose other blocks)
+            incoming = self.to_checkpoint(incoming.to_dense())
         if incoming.layout == torch.strided:
             expected = self.checkpoint_shape()
             if tuple(incoming.shape) != expected:

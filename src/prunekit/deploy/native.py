@@ -43,7 +43,7 @@ def row_block_kernel_error() -> str | None:
 
     @torch.library.register_fake("prunekit::row_block_linear_t")
     def _(xT, crow, col, values, bias):
-        return xT.new_empty((crow.shape[0] - 1, xT.shape[1]))
+        return xT.new_empty(((crow.shape[0] - 1) * values.shape[1], xT.shape[1]))
 
     return None
 
@@ -51,7 +51,7 @@ def row_block_kernel_error() -> str | None:
 def row_block_linear_t(
     x_t: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``W @ x_t (+ bias[:, None])`` for ``packed``, a BSR tensor with 1 x c blocks, and
+    """``W @ x_t (+ bias[:, None])`` for ``packed``, a BSR tensor of any block shape, and
     ``x_t`` of shape ``(in, tokens)``; returns ``(out, tokens)``."""
     error = row_block_kernel_error()
     if error is not None:

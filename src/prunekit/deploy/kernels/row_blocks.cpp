@@ -1,108 +1,195 @@
-// prunekit's CPU kernel for weights stored as rows of 1 x c blocks (BSR with blocksize
-// (1, c)). Torch's CPU BSR matmul (MKL) takes square blocks only, and MKL's CSR kernel
-// reads one index per nonzero; this one reads one index per block and keeps each output
-// row's accumulators in registers while it walks the row's blocks, with the activations
-// transposed (features x tokens) so every weight multiplies a contiguous run of tokens.
-// bfloat16 and float16 weights (which torch's CPU sparse kernels refuse) are read as
-// they are stored, half the bytes of float32, and multiplied in float32: the activations
-// are widened once per call and every row accumulates in float32.
+// prunekit's CPU kernel for weights stored as BSR with blocks of h x c (h rows, c input
+// features): 1 x c row blocks, which torch's CPU BSR matmul (MKL, square blocks only)
+// refuses, and h x c blocks, whose rows share their column indices. It reads one index
+// per block, keeps a group of up to 8 output rows' accumulators in registers while it
+// walks their blocks, so each activation it loads is multiplied into every row of the
+// group, and reads the activations transposed (features x tokens) so every weight
+// multiplies a contiguous run of tokens. bfloat16 and float16 weights (which torch's CPU
+// sparse kernels refuse) are read as they are stored, half the bytes of float32, and
+// multiplied in float32: the activations are widened once per call and every row
+// accumulates in float32.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace {
 
-// Tokens per accumulator tile: 64 floats are 8 AVX2 (4 AVX-512) registers.
+// Accumulators per row group and tile: 256 floats are 16 AVX-512 registers (of 32), so a
+// group of G rows takes tiles of 256 / G tokens (64 at most).
+constexpr int64_t kAccumulators = 256;
 constexpr int64_t kTile = 64;
+constexpr int64_t kMaxGroup = 8;
+constexpr int64_t kLanes = 16;  // float32 lanes of an AVX-512 register
+
+// The block heights the kernel takes: compile-time, so a height-1 weight (unstructured,
+// 1 x c) runs the same code as before blocks had rows.
+template <int64_t H>
+constexpr int64_t kGroup = std::min(H, kMaxGroup);
 
 // index_t: int32 (what prunekit packs: 4 bytes per block less to read than int64) or int64.
 template <typename index_t>
-struct RowBlocks {
-  const index_t* crow;  // (rows + 1) offsets into col and val, per output row
+struct BlockRows {
+  const index_t* crow;  // (block rows + 1) offsets into col and val, per block row
   const index_t* col;   // block column of each block (in units of width)
   int64_t width;        // c, the block's width along the input features
 };
 
-// yT[r, t0:t0+n] = bias[r] + sum over the blocks of row r of val[b] . xT[block rows, t0:t0+n];
-// n is kTile (a compile-time trip count the compiler unrolls into registers) or the rest.
-// scalar_t is the stored type of the weights and the output, acc_t (float for the 16-bit
-// types) that of the activations, the bias and the sums.
-template <typename scalar_t, typename acc_t, int64_t Fixed, typename index_t>
-void tile_rows(const RowBlocks<index_t>& w, const scalar_t* val, const acc_t* bias, const acc_t* xT,
-               int64_t tokens, int64_t t0, int64_t rest, scalar_t* yT, int64_t r0, int64_t r1) {
-  const int64_t n = Fixed > 0 ? Fixed : rest;
-  for (int64_t r = r0; r < r1; ++r) {
-    acc_t acc[kTile];
-    const acc_t start = bias ? bias[r] : acc_t(0);
-    for (int64_t t = 0; t < n; ++t) acc[t] = start;
-    for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
-      const scalar_t* wb = val + b * w.width;
-      const acc_t* xb = xT + int64_t(w.col[b]) * w.width * tokens + t0;
-      for (int64_t k = 0; k < w.width; ++k) {
-        const acc_t wk = static_cast<acc_t>(wb[k]);
-        const acc_t* xk = xb + k * tokens;
-        for (int64_t t = 0; t < n; ++t) acc[t] += wk * xk[t];
-      }
+// Rows g0..g0+G of block row R (blocks of H rows), tokens t0..t0+n (n is N, a
+// compile-time trip count the compiler unrolls into registers, or the rest):
+// yT[r, t] = bias[r] + the sum over the blocks of R of val[b, r] . xT[block's features, t].
+// scalar_t is the stored type of the weights and the output, acc_t (float for the
+// 16-bit types) that of the activations, the bias and the sums.
+template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
+void tile_group(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
+                const acc_t* xT, int64_t tokens, int64_t t0, int64_t rest, scalar_t* yT,
+                int64_t R, int64_t g0) {
+  constexpr int64_t G = kGroup<H>;
+  constexpr int64_t T = N > 0 ? N : kAccumulators / G;
+  const int64_t n = N > 0 ? N : rest;
+  const int64_t c = w.width, r0 = R * H + g0;
+  acc_t acc[G][T];
+  for (int64_t i = 0; i < G; ++i) {
+    const acc_t start = bias ? bias[r0 + i] : acc_t(0);
+    for (int64_t t = 0; t < n; ++t) acc[i][t] = start;
+  }
+  for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b) {
+    const scalar_t* wb = val + (b * H + g0) * c;
+    const acc_t* xb = xT + int64_t(w.col[b]) * c * tokens + t0;
+    for (int64_t k = 0; k < c; ++k) {
+      acc_t wk[G];
+      for (int64_t i = 0; i < G; ++i) wk[i] = static_cast<acc_t>(wb[i * c + k]);
+      const acc_t* xk = xb + k * tokens;
+      // simd: vectorise over the tokens, which keeps the tile in registers (left to
+      // itself, GCC may vectorise over the blocks instead, up to 3x slower).
+      for (int64_t i = 0; i < G; ++i)
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) acc[i][t] += wk[i] * xk[t];
     }
-    scalar_t* y = yT + r * tokens + t0;
-    for (int64_t t = 0; t < n; ++t) y[t] = static_cast<scalar_t>(acc[t]);
+  }
+  for (int64_t i = 0; i < G; ++i) {
+    scalar_t* y = yT + (r0 + i) * tokens + t0;
+    for (int64_t t = 0; t < n; ++t) y[t] = static_cast<scalar_t>(acc[i][t]);
   }
 }
 
-// One token: each row is a sparse dot product over contiguous runs of x. Blocks of one
-// (unstructured weights) gather x by index, in SIMD lanes (AVX-512 and AVX2 gathers).
+// Every row group of block rows R0..R1 on tokens t0..t0+N.
+template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
+void tile_rows(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
+               const acc_t* xT, int64_t tokens, int64_t t0, int64_t rest, scalar_t* yT,
+               int64_t R0, int64_t R1) {
+  for (int64_t R = R0; R < R1; ++R)
+    for (int64_t g0 = 0; g0 < H; g0 += kGroup<H>)
+      tile_group<scalar_t, acc_t, N, H>(w, val, bias, xT, tokens, t0, rest, yT, R, g0);
+}
+
+// One token, blocks of one row: one scalar sum per row, which the compiler keeps in a
+// register. Blocks of one (unstructured weights) gather x by index, in SIMD lanes
+// (AVX-512 and AVX2 gathers).
 template <typename scalar_t, typename acc_t, typename index_t>
-void vector_rows(const RowBlocks<index_t>& w, const scalar_t* val, const acc_t* bias, const acc_t* x,
-                 scalar_t* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    acc_t acc = bias ? bias[r] : acc_t(0);
-    if (w.width == 1) {
+acc_t dot_row(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* x, int64_t R) {
+  const int64_t c = w.width;
+  acc_t acc = 0;
+  if (c == 1) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b)
-        acc += static_cast<acc_t>(val[b]) * x[w.col[b]];
-    } else {
-      for (int64_t b = w.crow[r]; b < w.crow[r + 1]; ++b) {
-        const scalar_t* wb = val + b * w.width;
-        const acc_t* xb = x + int64_t(w.col[b]) * w.width;
-        for (int64_t k = 0; k < w.width; ++k) acc += static_cast<acc_t>(wb[k]) * xb[k];
-      }
+    for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b)
+      acc += static_cast<acc_t>(val[b]) * x[w.col[b]];
+    return acc;
+  }
+  for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b) {
+    const scalar_t* wb = val + b * c;
+    const acc_t* xb = x + int64_t(w.col[b]) * c;
+    for (int64_t k = 0; k < c; ++k) acc += static_cast<acc_t>(wb[k]) * xb[k];
+  }
+  return acc;
+}
+
+// One token, rows g0..g0+G of block row R: each block's run of x is read once for the
+// G rows. Narrow blocks (c < 8) keep one scalar sum per row; wide ones keep a vector of
+// partial sums per row (one FMA per 16 weights), added up once at the end of the row.
+template <typename scalar_t, typename acc_t, int64_t H, typename index_t>
+void dot_group(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* x, int64_t R,
+               int64_t g0, acc_t* sums) {
+  constexpr int64_t G = kGroup<H>;
+  const int64_t c = w.width;
+  if (c < kLanes / 2) {
+    for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b) {
+      const scalar_t* wb = val + (b * H + g0) * c;
+      const acc_t* xb = x + int64_t(w.col[b]) * c;
+      for (int64_t i = 0; i < G; ++i)
+        for (int64_t k = 0; k < c; ++k) sums[i] += static_cast<acc_t>(wb[i * c + k]) * xb[k];
     }
-    y[r] = static_cast<scalar_t>(acc);
+    return;
+  }
+  acc_t part[G][kLanes] = {};
+  for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b) {
+    const scalar_t* wb = val + (b * H + g0) * c;
+    const acc_t* xb = x + int64_t(w.col[b]) * c;
+    for (int64_t k0 = 0; k0 < c; k0 += kLanes) {
+      const int64_t m = std::min(kLanes, c - k0);
+      for (int64_t i = 0; i < G; ++i)
+#pragma omp simd
+        for (int64_t k = 0; k < m; ++k)
+          part[i][k] += static_cast<acc_t>(wb[i * c + k0 + k]) * xb[k0 + k];
+    }
+  }
+  for (int64_t i = 0; i < G; ++i)
+    for (int64_t k = 0; k < kLanes; ++k) sums[i] += part[i][k];
+}
+
+// One token: y = W @ x + bias for block rows R0..R1.
+template <typename scalar_t, typename acc_t, int64_t H, typename index_t>
+void vector_rows(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
+                 const acc_t* x, scalar_t* y, int64_t R0, int64_t R1) {
+  constexpr int64_t G = kGroup<H>;
+  for (int64_t R = R0; R < R1; ++R) {
+    for (int64_t g0 = 0; g0 < H; g0 += G) {
+      const int64_t r0 = R * H + g0;
+      acc_t sums[G];
+      for (int64_t i = 0; i < G; ++i) sums[i] = bias ? bias[r0 + i] : acc_t(0);
+      if constexpr (H == 1)
+        sums[0] += dot_row<scalar_t, acc_t>(w, val, x, R);
+      else
+        dot_group<scalar_t, acc_t, H>(w, val, x, R, g0, sums);
+      for (int64_t i = 0; i < G; ++i) y[r0 + i] = static_cast<scalar_t>(sums[i]);
+    }
   }
 }
 
-// out (rows, tokens) = W @ x + b[:, None], rows split across threads.
-template <typename scalar_t, typename acc_t, typename index_t>
-void multiply(const RowBlocks<index_t>& w, const acc_t* x, const scalar_t* val, const acc_t* bias,
-              int64_t rows, int64_t tokens, scalar_t* out) {
+// out (rows, tokens) = W @ x + b[:, None] for blocks of H rows, block rows split across
+// threads.
+template <typename scalar_t, typename acc_t, int64_t H, typename index_t>
+void multiply(const BlockRows<index_t>& w, const acc_t* x, const scalar_t* val,
+              const acc_t* bias, int64_t block_rows, int64_t tokens, scalar_t* out) {
+  constexpr int64_t N = std::min(kTile, kAccumulators / kGroup<H>);
   // Enough rows per task that a thread's share outweighs waking it.
-  const int64_t grain = std::max<int64_t>(1, 256 / tokens);
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(1, 256 / (tokens * H));
+  at::parallel_for(0, block_rows, grain, [&](int64_t R0, int64_t R1) {
     if (tokens == 1) {
-      vector_rows<scalar_t, acc_t>(w, val, bias, x, out, r0, r1);
+      vector_rows<scalar_t, acc_t, H>(w, val, bias, x, out, R0, R1);
       return;
     }
     int64_t t0 = 0;
-    for (; t0 + kTile <= tokens; t0 += kTile)
-      tile_rows<scalar_t, acc_t, kTile>(w, val, bias, x, tokens, t0, 0, out, r0, r1);
+    for (; t0 + N <= tokens; t0 += N)
+      tile_rows<scalar_t, acc_t, N, H>(w, val, bias, x, tokens, t0, 0, out, R0, R1);
     // Fixed-size tiles for the common remainders, then whatever is left.
-    if (t0 + kTile / 2 <= tokens) {
-      tile_rows<scalar_t, acc_t, kTile / 2>(w, val, bias, x, tokens, t0, 0, out, r0, r1);
-      t0 += kTile / 2;
+    if (t0 + N / 2 <= tokens) {
+      tile_rows<scalar_t, acc_t, N / 2, H>(w, val, bias, x, tokens, t0, 0, out, R0, R1);
+      t0 += N / 2;
     }
-    if (t0 + kTile / 4 <= tokens) {
-      tile_rows<scalar_t, acc_t, kTile / 4>(w, val, bias, x, tokens, t0, 0, out, r0, r1);
-      t0 += kTile / 4;
+    if (t0 + N / 4 <= tokens) {
+      tile_rows<scalar_t, acc_t, N / 4, H>(w, val, bias, x, tokens, t0, 0, out, R0, R1);
+      t0 += N / 4;
     }
     if (t0 < tokens)
-      tile_rows<scalar_t, acc_t, 0>(w, val, bias, x, tokens, t0, tokens - t0, out, r0, r1);
+      tile_rows<scalar_t, acc_t, 0, H>(w, val, bias, x, tokens, t0, tokens - t0, out, R0, R1);
   });
 }
 
-// (W @ xT + bias[:, None]) for W given as 1 x c blocks: xT (in, tokens) -> (out, tokens).
+// (W @ xT + bias[:, None]) for W given as h x c blocks: xT (in, tokens) -> (out, tokens).
 at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                               const at::Tensor& col, const at::Tensor& values,
                               const c10::optional<at::Tensor>& bias) {
@@ -114,12 +201,17 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                   (crow.scalar_type() == at::kInt || crow.scalar_type() == at::kLong),
               "row_block_linear_t: indices must be both int32 or both int64, got ",
               crow.scalar_type(), " and ", col.scalar_type());
-  TORCH_CHECK(values.dim() >= 1 && values.scalar_type() == xT.scalar_type(),
-              "row_block_linear_t: values must have the input's dtype ", xT.scalar_type());
-  const int64_t rows = crow.numel() - 1;
-  const int64_t width = values.dim() > 1 ? values.size(-1) : 1;
-  TORCH_CHECK(col.numel() * width == values.numel(),
-              "row_block_linear_t: ", col.numel(), " blocks but ", values.numel(), " values");
+  TORCH_CHECK(values.dim() == 3 && values.scalar_type() == xT.scalar_type(),
+              "row_block_linear_t: values must be (blocks, h, c) of the input's dtype ",
+              xT.scalar_type(), ", got ", values.sizes(), " of ", values.scalar_type());
+  TORCH_CHECK(values.size(1) >= 1 && values.size(2) >= 1 && col.numel() == values.size(0),
+              "row_block_linear_t: ", col.numel(), " blocks but values of shape ",
+              values.sizes());
+  const int64_t height = values.size(1), width = values.size(2);
+  TORCH_CHECK(height == 1 || height == 2 || height == 4 || height == 8 || height == 16,
+              "row_block_linear_t: blocks of ", height, " rows; the kernel takes 1, 2, 4, 8 "
+              "or 16");
+  const int64_t block_rows = crow.numel() - 1, rows = block_rows * height;
   TORCH_CHECK(!bias.has_value() || bias->numel() == rows,
               "row_block_linear_t: bias has ", bias.has_value() ? bias->numel() : 0,
               " entries for ", rows, " rows");
@@ -130,7 +222,7 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
   auto out = at::empty({rows, tokens}, xT.options());
   if (rows == 0 || tokens == 0) return out;
   AT_DISPATCH_INDEX_TYPES(c.scalar_type(), "row_block_linear_t", [&] {
-    const RowBlocks<index_t> w{c.data_ptr<index_t>(), k.data_ptr<index_t>(), width};
+    const BlockRows<index_t> w{c.data_ptr<index_t>(), k.data_ptr<index_t>(), width};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xT.scalar_type(),
                                     "row_block_linear_t", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -140,9 +232,19 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                          ? xT
                          : at::empty(xT.sizes(), xT.options().dtype(acc_type)).copy_(xT);
       const auto b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
-      multiply<scalar_t, acc_t>(w, x.data_ptr<acc_t>(), v.data_ptr<scalar_t>(),
-                                b.defined() ? b.data_ptr<acc_t>() : nullptr, rows, tokens,
-                                out.data_ptr<scalar_t>());
+      const auto run = [&](auto rows) {
+        multiply<scalar_t, acc_t, decltype(rows)::value>(
+            w, x.data_ptr<acc_t>(), v.data_ptr<scalar_t>(),
+            b.defined() ? b.data_ptr<acc_t>() : nullptr, block_rows, tokens,
+            out.data_ptr<scalar_t>());
+      };
+      switch (height) {
+        case 1: run(std::integral_constant<int64_t, 1>()); break;
+        case 2: run(std::integral_constant<int64_t, 2>()); break;
+        case 4: run(std::integral_constant<int64_t, 4>()); break;
+        case 8: run(std::integral_constant<int64_t, 8>()); break;
+        default: run(std::integral_constant<int64_t, 16>());
+      }
     });
   });
   return out;

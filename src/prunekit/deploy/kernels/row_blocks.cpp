@@ -19,7 +19,7 @@
 namespace {
 
 // Accumulators per row group and tile: 256 floats are 16 AVX-512 registers (of 32), so a
-// group of G rows takes tiles of 256 / G tokens (64 at most).
+// group of G rows takes tiles of 256 / G tokens (64 at most), the rest in halving tiles.
 constexpr int64_t kAccumulators = 256;
 constexpr int64_t kTile = 64;
 constexpr int64_t kMaxGroup = 8;
@@ -38,23 +38,23 @@ struct BlockRows {
   int64_t width;        // c, the block's width along the input features
 };
 
-// Rows g0..g0+G of block row R (blocks of H rows), tokens t0..t0+n (n is N, a
-// compile-time trip count the compiler unrolls into registers, or the rest):
-// yT[r, t] = bias[r] + the sum over the blocks of R of val[b, r] . xT[block's features, t].
-// scalar_t is the stored type of the weights and the output, acc_t (float for the
-// 16-bit types) that of the activations, the bias and the sums.
+// Rows g0..g0+G of block row R (blocks of H rows), tokens t0..t0+N (N a compile-time
+// trip count the compiler unrolls into registers): yT[r, t] = bias[r] + the sum over
+// the blocks of R of val[b, r] . xT[block's features, t]. scalar_t is the stored type of
+// the weights and the output, acc_t (float for the 16-bit types) that of the
+// activations, the bias and the sums.
+// Not inlined: compiled on its own, the tile's code does not change with the callers
+// around it (inlined, the same loops ran 10-30% slower on one-row blocks).
 template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
-void tile_group(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
-                const acc_t* xT, int64_t tokens, int64_t t0, int64_t rest, scalar_t* yT,
-                int64_t R, int64_t g0) {
+__attribute__((noinline)) void tile_group(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
+                const acc_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R,
+                int64_t g0) {
   constexpr int64_t G = kGroup<H>;
-  constexpr int64_t T = N > 0 ? N : kAccumulators / G;
-  const int64_t n = N > 0 ? N : rest;
   const int64_t c = w.width, r0 = R * H + g0;
-  acc_t acc[G][T];
+  acc_t acc[G][N];
   for (int64_t i = 0; i < G; ++i) {
     const acc_t start = bias ? bias[r0 + i] : acc_t(0);
-    for (int64_t t = 0; t < n; ++t) acc[i][t] = start;
+    for (int64_t t = 0; t < N; ++t) acc[i][t] = start;
   }
   for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b) {
     const scalar_t* wb = val + (b * H + g0) * c;
@@ -67,23 +67,38 @@ void tile_group(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* b
       // itself, GCC may vectorise over the blocks instead, up to 3x slower).
       for (int64_t i = 0; i < G; ++i)
 #pragma omp simd
-        for (int64_t t = 0; t < n; ++t) acc[i][t] += wk[i] * xk[t];
+        for (int64_t t = 0; t < N; ++t) acc[i][t] += wk[i] * xk[t];
     }
   }
   for (int64_t i = 0; i < G; ++i) {
     scalar_t* y = yT + (r0 + i) * tokens + t0;
-    for (int64_t t = 0; t < n; ++t) y[t] = static_cast<scalar_t>(acc[i][t]);
+    for (int64_t t = 0; t < N; ++t) y[t] = static_cast<scalar_t>(acc[i][t]);
   }
 }
 
 // Every row group of block rows R0..R1 on tokens t0..t0+N.
 template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
 void tile_rows(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
-               const acc_t* xT, int64_t tokens, int64_t t0, int64_t rest, scalar_t* yT,
-               int64_t R0, int64_t R1) {
+               const acc_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R0,
+               int64_t R1) {
   for (int64_t R = R0; R < R1; ++R)
     for (int64_t g0 = 0; g0 < H; g0 += kGroup<H>)
-      tile_group<scalar_t, acc_t, N, H>(w, val, bias, xT, tokens, t0, rest, yT, R, g0);
+      tile_group<scalar_t, acc_t, N, H>(w, val, bias, xT, tokens, t0, yT, R, g0);
+}
+
+// The tokens left after the full tiles (fewer than 2N): one tile each of N, N/2, ..., 1
+// where it fits. Every tile has a compile-time length: a loop of run-time length over a
+// few tokens runs several times slower (measured at 2-13 tokens, as experts get).
+template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
+void remainder_tiles(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
+                     const acc_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R0,
+                     int64_t R1) {
+  if (t0 + N <= tokens) {
+    tile_rows<scalar_t, acc_t, N, H>(w, val, bias, xT, tokens, t0, yT, R0, R1);
+    t0 += N;
+  }
+  if constexpr (N > 1)
+    remainder_tiles<scalar_t, acc_t, N / 2, H>(w, val, bias, xT, tokens, t0, yT, R0, R1);
 }
 
 // One token, blocks of one row: one scalar sum per row, which the compiler keeps in a
@@ -174,18 +189,8 @@ void multiply(const BlockRows<index_t>& w, const acc_t* x, const scalar_t* val,
     }
     int64_t t0 = 0;
     for (; t0 + N <= tokens; t0 += N)
-      tile_rows<scalar_t, acc_t, N, H>(w, val, bias, x, tokens, t0, 0, out, R0, R1);
-    // Fixed-size tiles for the common remainders, then whatever is left.
-    if (t0 + N / 2 <= tokens) {
-      tile_rows<scalar_t, acc_t, N / 2, H>(w, val, bias, x, tokens, t0, 0, out, R0, R1);
-      t0 += N / 2;
-    }
-    if (t0 + N / 4 <= tokens) {
-      tile_rows<scalar_t, acc_t, N / 4, H>(w, val, bias, x, tokens, t0, 0, out, R0, R1);
-      t0 += N / 4;
-    }
-    if (t0 < tokens)
-      tile_rows<scalar_t, acc_t, 0, H>(w, val, bias, x, tokens, t0, tokens - t0, out, R0, R1);
+      tile_rows<scalar_t, acc_t, N, H>(w, val, bias, x, tokens, t0, out, R0, R1);
+    remainder_tiles<scalar_t, acc_t, N / 2, H>(w, val, bias, x, tokens, t0, out, R0, R1);
   });
 }
 

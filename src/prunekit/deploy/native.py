@@ -51,8 +51,9 @@ def row_block_kernel_error() -> str | None:
 def row_block_linear_t(
     x_t: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``W @ x_t (+ bias[:, None])`` for ``packed``, a BSR tensor of any block shape, and
-    ``x_t`` of shape ``(in, tokens)``; returns ``(out, tokens)``."""
+    """``W @ x_t (+ bias[:, None])`` for ``packed``, a BSR tensor with blocks of 1, 2, 4,
+    8 or 16 rows (any width), and ``x_t`` of shape ``(in, tokens)``; returns
+    ``(out, tokens)``."""
     error = row_block_kernel_error()
     if error is not None:
         raise RuntimeError(f"prunekit's row-block kernel is not available here: {error}")

@@ -5,7 +5,7 @@ Linear 768->3072 (fc1), 3072->768 (fc2) and the encoder MLP (fc1-GELU-fc2), 1/32
 tokens, 50/70/90/95% sparsity, unstructured and in 1x4, 4x4, 16x16 blocks. Each cell
 compares with dense fp32, in one process on the same input: dense dynamic int8 (torch
 quantize_dynamic), CSR, BSR (square blocks; MKL takes no other on the CPU), prunekit's
-row-block kernel (1 x c blocks, c inferred from the zeros: 1 for unstructured), sparse
+row-block kernel (h x c blocks inferred from the zeros: 1 x 1 for unstructured), sparse
 dynamic int8 (``sparse_quantize``, 1x4 blocks, qnnpack), ``to_sparse(layout="auto")``
 and an exact copy of the dense model (``dense_twin``: the noise between equals). Columns
 ``*_x`` are speed-ups over dense fp32 (> 1: faster), each the median ratio over

@@ -36,7 +36,7 @@ class _Variant(nn.Module):
         super().__init__()
         object.__setattr__(self, "target", model)  # not a child: its modules stay its own
         object.__setattr__(self, "layers", layers)
-        self.name, self.contiguous = name, contiguous
+        self.name, self.contiguous = name, contiguous  # name: the label tests time by
         # Found once, not on every timed call: the model's own sparse layers (experts of
         # deployed banks) and this variant's.
         found = [*model.modules(), *layers.values()]
@@ -126,8 +126,7 @@ def model_round(
         verdict = f"kept {best}, {speedup:.2f}x dense in paired timing"
     (base if best == "dense" else running[best]).install()
     report.model = f"model round on example_inputs ({'; '.join(notes)}): {verdict}"
-    changed = {**dict.fromkeys(sparse), **dict.fromkeys(alternatives)}
-    for fqn in changed:
+    for fqn in dict.fromkeys([*sparse, *alternatives]):
         choice = report[fqn]
         choice.reason = f"{choice.reason}; {report.model}"
         if best == "dense":

@@ -25,8 +25,8 @@ constexpr int64_t kTile = 64;
 constexpr int64_t kMaxGroup = 8;
 constexpr int64_t kLanes = 16;  // float32 lanes of an AVX-512 register
 
-// The block heights the kernel takes: compile-time, so a height-1 weight (unstructured,
-// 1 x c) runs the same code as before blocks had rows.
+// Rows summed together for blocks of H rows. The height is a compile-time constant, so
+// one-row blocks (unstructured, 1 x c) compile to loops with no row group at all.
 template <int64_t H>
 constexpr int64_t kGroup = std::min(H, kMaxGroup);
 

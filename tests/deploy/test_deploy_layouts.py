@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunekit.deploy import LAYOUTS, BsrLayout, SemiStructuredLayout, infer_blocksize
-from prunekit.errors import ConfigError, ConfigTypeError
+from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
 from tests.deploy._models import block_sparse
 
 CUDA = torch.cuda.is_available()
@@ -114,3 +114,16 @@ def test_compressed_layouts_equal_dense_on_random_shapes(rows, cols, block, spar
         layout = LAYOUTS[name].fit(weight, "w", blocksize)
         got = layout.linear(x, layout.pack(weight), b)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["csr", "bsr"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_compressed_layer_cast_to_16_bits_says_what_to_do(name, dtype):
+    """torch's CPU CSR/BSR kernels take float32 and float64 only: a layer deployed in them
+    and cast afterwards refuses clearly, where torch's own error names an MKL function."""
+    weight = block_sparse(32, 64, (4, 4), 0.75)
+    layout = LAYOUTS[name].fit(weight, "layer 'w'", (4, 4))
+    packed = layout.pack(weight).to(dtype)
+    with pytest.raises(UnsupportedError, match=rf"layout '{name}.*{dtype}.*float32 and "
+                                               "float64 only.*'row_blocks' or 'auto'"):
+        layout.linear(torch.randn(3, 64, dtype=dtype), packed, None)

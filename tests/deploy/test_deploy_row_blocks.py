@@ -137,6 +137,40 @@ def test_the_op_checks_its_operands():
         )
 
 
+@pytest.mark.parametrize("block", [(1, 1), (2, 4), (4, 4), (16, 2)])
+def test_gradients_flow_through_the_op(block):
+    """Backward gives the true gradients of the input, the blocks' values and the bias
+    (numerical check in float64), and the op's registrations agree (``opcheck``: fake
+    kernel, autograd, torch.compile's tracing)."""
+    weight = block_sparse(32, 16, block, 0.5).double()
+    packed = RowBlockLayout(block).pack(weight)
+    x_t = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    values = packed.values().clone().requires_grad_()
+    bias = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    args = (x_t, packed.crow_indices(), packed.col_indices(), values, bias)
+    op = torch.ops.prunekit.row_block_linear_t
+    assert torch.autograd.gradcheck(lambda x, v, b: op(x, *args[1:3], v, b), (x_t, values, bias))
+    torch.library.opcheck(op.default, args)
+
+
+def test_a_deployed_layer_passes_input_gradients_on():
+    """A deployed model inside one being differentiated (attributions, adapters around
+    it): the input's gradient equals the dense model's."""
+    model = sparse_mlp((4, 4))
+    deployed = to_sparse(model, layout="row_blocks")
+    x = torch.randn(6, 64, requires_grad=True)
+    (expected,) = torch.autograd.grad(model(x).square().sum(), x)
+    (got,) = torch.autograd.grad(deployed(x).square().sum(), x)
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_model_cast_after_deploying_runs_in_its_new_dtype():
+    model = sparse_mlp((1, 4))
+    deployed = to_sparse(model, layout="row_blocks").bfloat16()
+    x = torch.randn(6, 64)
+    torch.testing.assert_close(deployed(x.bfloat16()).float(), model(x), atol=0.05, rtol=0.05)
+
+
 def test_weights_pack_with_int32_indices_and_int64_ones_still_run():
     """int32 indices are fewer bytes per block to read; a weight packed by torch (int64,
     as in a state_dict saved packed) still loads and multiplies."""

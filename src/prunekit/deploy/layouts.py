@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prunekit.deploy import native
-from prunekit.errors import ConfigError, ConfigTypeError
+from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
 
 __all__ = [
     "LAYOUTS",
@@ -97,12 +97,21 @@ def register_layout(cls: type[Layout]) -> type[Layout]:
 
 
 def _compressed_linear(
-    x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+    x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, layout: str
 ) -> torch.Tensor:
     # sparse @ dense wants the sparse operand first: y.T = W @ x.T (+ bias as a column).
-    if bias is None:
-        return torch.mm(packed, x2d.T).T
-    return torch.addmm(bias.unsqueeze(1), packed, x2d.T).T
+    try:
+        if bias is None:
+            return torch.mm(packed, x2d.T).T
+        return torch.addmm(bias.unsqueeze(1), packed, x2d.T).T
+    except NotImplementedError as exc:  # a model cast to 16 bits after it was deployed
+        if packed.device.type != "cpu" or packed.dtype not in (torch.bfloat16, torch.float16):
+            raise
+        raise UnsupportedError(
+            f"layout {layout!r} with a {packed.dtype} weight: torch's CPU CSR/BSR kernels "
+            "multiply float32 and float64 only. Deploy a 16-bit model (cast before "
+            "to_sparse) with layout='row_blocks' or 'auto', or keep it in float32"
+        ) from exc
 
 
 @register_layout
@@ -141,7 +150,7 @@ class CsrLayout(Layout):
             return weight.detach().contiguous().to_sparse_csr()
 
     def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-        return _compressed_linear(x2d, packed, bias)
+        return _compressed_linear(x2d, packed, bias, self.describe())
 
 
 def _stored_fraction(nonzero: torch.Tensor, block: tuple[int, int]) -> float:
@@ -214,7 +223,7 @@ class BsrLayout(Layout):
             return weight.detach().contiguous().to_sparse_bsr(self.blocksize)
 
     def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-        return _compressed_linear(x2d, packed, bias)
+        return _compressed_linear(x2d, packed, bias, self.describe())
 
     def describe(self) -> str:
         return f"bsr{self.blocksize[0]}x{self.blocksize[1]}"

@@ -35,7 +35,8 @@ def is_pointwise_conv(module: nn.Module) -> bool:
 
 
 class SparseLinear(nn.Module):
-    """``nn.Linear`` for inference with its weight stored in ``layout`` (no autograd).
+    """``nn.Linear`` for inference with its weight stored in ``layout`` (a buffer: input
+    gradients pass through, the weight gets none).
 
     >>> lin = nn.Linear(8, 4)
     >>> with torch.no_grad():

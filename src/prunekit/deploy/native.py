@@ -45,7 +45,42 @@ def row_block_kernel_error() -> str | None:
     def _(xT, crow, col, values, bias):
         return xT.new_empty(((crow.shape[0] - 1) * values.shape[1], xT.shape[1]))
 
+    torch.library.register_autograd(
+        "prunekit::row_block_linear_t", _backward, setup_context=_setup_context
+    )
     return None
+
+
+def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x_t, crow, col, values, bias = inputs
+    ctx.save_for_backward(x_t, crow, col, values)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients for ``x_t``, the blocks' values and the bias, so a deployed layer inside
+    a model being differentiated (input attributions, adapters trained around it) passes
+    true gradients on rather than none. Dense products: backward is not the fast path."""
+    x_t, crow, col, values = ctx.saved_tensors
+    height, width = values.shape[1:]
+    grid = (crow.numel() - 1, x_t.shape[0] // width)  # blocks down, blocks across
+    rows, cols = grid[0] * height, grid[1] * width
+    # The block row of every block; output_size keeps it traceable (torch.compile).
+    block_rows = torch.repeat_interleave(torch.arange(grid[0], device=crow.device),
+                                         crow.diff().long(), output_size=col.numel())
+    at = (block_rows, col.long())
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        blocks = grad.new_zeros(*grid, height, width)
+        blocks[at] = values.to(grad.dtype)
+        grad_x = blocks.transpose(1, 2).reshape(rows, cols).T @ grad
+    if ctx.needs_input_grad[3]:
+        full = grad @ x_t.T.to(grad.dtype)
+        grad_values = full.reshape(grid[0], height, grid[1], width).transpose(1, 2)[at]
+        grad_values = grad_values.to(values.dtype)
+    if ctx.needs_input_grad[4]:
+        grad_bias = grad.sum(1).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_values, grad_bias
 
 
 def row_block_linear_t(

@@ -6,8 +6,8 @@
 // group, and reads the activations transposed (features x tokens) so every weight
 // multiplies a contiguous run of tokens. bfloat16 and float16 weights (which torch's CPU
 // sparse kernels refuse) are read as they are stored, half the bytes of float32, and
-// multiplied in float32: the activations are widened once per call and every row
-// accumulates in float32.
+// multiplied in float32: every row accumulates in float32, and the activations are
+// widened once per call (bfloat16 ones, in blocks with rows, as they are loaded).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -58,13 +58,14 @@ struct BlockRows {
 // Rows g0..g0+G of block row R (blocks of H rows), tokens t0..t0+N (N a compile-time
 // trip count the compiler unrolls into registers): yT[r, t] = bias[r] + the sum over
 // the blocks of R of val[b, r] . xT[block's features, t]. scalar_t is the stored type of
-// the weights and the output, acc_t (float for the 16-bit types) that of the
-// activations, the bias and the sums.
+// the weights and the output, acc_t (float for the 16-bit types) that of the bias and
+// the sums, x_t that of the activations (acc_t, or bfloat16 kept as it came).
 // Not inlined: compiled on its own, the tile's code does not change with the callers
 // around it (inlined, the same loops ran 10-30% slower on one-row blocks).
-template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
+template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename x_t,
+          typename index_t>
 __attribute__((noinline)) void tile_group(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
-                const acc_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R,
+                const x_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R,
                 int64_t g0) {
   constexpr int64_t G = kGroup<H>;
   const int64_t c = w.width, r0 = R * H + g0;
@@ -75,16 +76,16 @@ __attribute__((noinline)) void tile_group(const BlockRows<index_t>& w, const sca
   }
   for (int64_t b = w.crow[R]; b < w.crow[R + 1]; ++b) {
     const scalar_t* wb = val + (b * H + g0) * c;
-    const acc_t* xb = xT + int64_t(w.col[b]) * c * tokens + t0;
+    const x_t* xb = xT + int64_t(w.col[b]) * c * tokens + t0;
     for (int64_t k = 0; k < c; ++k) {
       acc_t wk[G];
       for (int64_t i = 0; i < G; ++i) wk[i] = static_cast<acc_t>(wb[i * c + k]);
-      const acc_t* xk = xb + k * tokens;
+      const x_t* xk = xb + k * tokens;
       // simd: vectorise over the tokens, which keeps the tile in registers (left to
       // itself, GCC may vectorise over the blocks instead, up to 3x slower).
       for (int64_t i = 0; i < G; ++i)
 #pragma omp simd
-        for (int64_t t = 0; t < N; ++t) acc[i][t] += wk[i] * xk[t];
+        for (int64_t t = 0; t < N; ++t) acc[i][t] += wk[i] * static_cast<acc_t>(xk[t]);
     }
   }
   for (int64_t i = 0; i < G; ++i) {
@@ -94,9 +95,10 @@ __attribute__((noinline)) void tile_group(const BlockRows<index_t>& w, const sca
 }
 
 // Every row group of block rows R0..R1 on tokens t0..t0+N.
-template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
+template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename x_t,
+          typename index_t>
 void tile_rows(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
-               const acc_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R0,
+               const x_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R0,
                int64_t R1) {
   for (int64_t R = R0; R < R1; ++R)
     for (int64_t g0 = 0; g0 < H; g0 += kGroup<H>)
@@ -106,9 +108,10 @@ void tile_rows(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bi
 // The tokens left after the full tiles (fewer than 2N): one tile each of N, N/2, ..., 1
 // where it fits. Every tile has a compile-time length: a loop of run-time length over a
 // few tokens runs several times slower (measured at 2-13 tokens, as experts get).
-template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename index_t>
+template <typename scalar_t, typename acc_t, int64_t N, int64_t H, typename x_t,
+          typename index_t>
 void remainder_tiles(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* bias,
-                     const acc_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R0,
+                     const x_t* xT, int64_t tokens, int64_t t0, scalar_t* yT, int64_t R0,
                      int64_t R1) {
   if (t0 + N <= tokens) {
     tile_rows<scalar_t, acc_t, N, H>(w, val, bias, xT, tokens, t0, yT, R0, R1);
@@ -198,17 +201,19 @@ void vector_rows(const BlockRows<index_t>& w, const scalar_t* val, const acc_t* 
 }
 
 // out (rows, tokens) = W @ x + b[:, None] for blocks of H rows, block rows split across
-// threads.
-template <typename scalar_t, typename acc_t, int64_t H, typename index_t>
-void multiply(const BlockRows<index_t>& w, const acc_t* x, const scalar_t* val,
+// threads. One token takes x in acc_t; more take it in x_t.
+template <typename scalar_t, typename acc_t, int64_t H, typename x_t, typename index_t>
+void multiply(const BlockRows<index_t>& w, const x_t* x, const scalar_t* val,
               const acc_t* bias, int64_t block_rows, int64_t tokens, scalar_t* out) {
   constexpr int64_t N = std::min(kTile, kAccumulators / kGroup<H>);
   // Enough rows per task that a thread's share outweighs waking it.
   const int64_t grain = std::max<int64_t>(1, 256 / (tokens * H));
   at::parallel_for(0, block_rows, grain, [&](int64_t R0, int64_t R1) {
-    if (tokens == 1) {
-      vector_rows<scalar_t, acc_t, H>(w, val, bias, x, out, R0, R1);
-      return;
+    if constexpr (std::is_same_v<x_t, acc_t>) {
+      if (tokens == 1) {
+        vector_rows<scalar_t, acc_t, H>(w, val, bias, x, out, R0, R1);
+        return;
+      }
     }
     int64_t t0 = 0;
     for (; t0 + N <= tokens; t0 += N)
@@ -255,16 +260,31 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                                     "row_block_linear_t", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-      // One copy at most: widened (16-bit) and made contiguous (a transposed view) at once.
-      const auto x = xT.scalar_type() == acc_type && xT.is_contiguous()
+      // bfloat16 activations stay bfloat16 in the tiles of blocks with rows (h > 1): half
+      // the bytes each tile reads, widened by a shift as loaded, once for the group's
+      // rows (1.0-1.5x in an A/B; with one row per load the shift cost 5-15% where the
+      // activations fit the cache). Others are widened here, once: float16 (no shift),
+      // one-row blocks, and one token (gathered by index).
+      constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+      const bool narrow = kBf16 && tokens >= 32 && height > 1;
+      // One copy at most: widened and made contiguous (a transposed view) at once.
+      const auto x = narrow ? xT.contiguous()
+                     : xT.scalar_type() == acc_type && xT.is_contiguous()
                          ? xT
                          : at::empty(xT.sizes(), xT.options().dtype(acc_type)).copy_(xT);
       const auto b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
       const auto run = [&](auto rows) {
-        multiply<scalar_t, acc_t, decltype(rows)::value>(
-            w, x.data_ptr<acc_t>(), v.data_ptr<scalar_t>(),
-            b.defined() ? b.data_ptr<acc_t>() : nullptr, block_rows, tokens,
-            out.data_ptr<scalar_t>());
+        constexpr int64_t H = decltype(rows)::value;
+        const acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
+        if constexpr (kBf16) {
+          if (narrow) {
+            multiply<scalar_t, acc_t, H>(w, x.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bp,
+                                         block_rows, tokens, out.data_ptr<scalar_t>());
+            return;
+          }
+        }
+        multiply<scalar_t, acc_t, H>(w, x.data_ptr<acc_t>(), v.data_ptr<scalar_t>(), bp,
+                                     block_rows, tokens, out.data_ptr<scalar_t>());
       };
       switch (height) {
         case 1: run(std::integral_constant<int64_t, 1>()); break;

@@ -222,6 +222,40 @@ void multiply(const BlockRows<index_t>& w, const x_t* x, const scalar_t* val,
   });
 }
 
+// xT (features, tokens) contiguous: itself where it is so. The transposed view of a
+// contiguous (tokens, features) input, which every layer reading a plain activation
+// gets, is copied in blocks whose reads and writes stay in cache (torch's copy_ of such a
+// view ran 10x slower than a clone: at 32 tokens, as long as the sparse product itself;
+// 1.1-1.7x for the whole float32 layer in an A/B); other strides go through copy_.
+template <typename scalar_t>
+__attribute__((noinline)) at::Tensor transposed_copy(const at::Tensor& xT) {
+  if (xT.is_contiguous()) return xT;
+  at::Tensor out = at::empty_like(xT, at::MemoryFormat::Contiguous);
+  const int64_t features = xT.size(0), tokens = xT.size(1), pitch = xT.stride(1);
+  if (xT.stride(0) != 1 || pitch < features) return out.copy_(xT);
+  const scalar_t* src = xT.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  // 8 tokens at a time: their rows lie a multiple of 4 KB apart for widths such as 3072
+  // and share one set of the 8-way L1, so 32 of them (torch's copy, or 32 x 32 blocks)
+  // evict each other before the next 15 features of each line are read.
+  constexpr int64_t kTokens = 8, kFeatures = 64;
+  const int64_t blocks = (features + kFeatures - 1) / kFeatures;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (kFeatures * tokens));  // 64 KB a task
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t f_end = std::min(features, b1 * kFeatures);
+    for (int64_t f0 = b0 * kFeatures; f0 < f_end; f0 += kFeatures) {
+      const int64_t f1 = std::min(f_end, f0 + kFeatures);
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
+        const int64_t t1 = std::min(tokens, t0 + kTokens);
+        for (int64_t f = f0; f < f1; ++f)
+          for (int64_t t = t0; t < t1; ++t)
+            dst[f * tokens + t] = src[t * pitch + f];
+      }
+    }
+  });
+  return out;
+}
+
 // (W @ xT + bias[:, None]) for W given as h x c blocks: xT (in, tokens) -> (out, tokens).
 at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                               const at::Tensor& col, const at::Tensor& values,
@@ -260,18 +294,20 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                                     "row_block_linear_t", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-      // bfloat16 activations stay bfloat16 in the tiles of blocks with rows (h > 1): half
-      // the bytes each tile reads, widened by a shift as loaded, once for the group's
-      // rows (1.0-1.5x in an A/B; with one row per load the shift cost 5-15% where the
-      // activations fit the cache). Others are widened here, once: float16 (no shift),
-      // one-row blocks, and one token (gathered by index).
+      // bfloat16 activations stay bfloat16 in the tiles of blocks with rows (h > 1) from
+      // 32 tokens: half the bytes each tile reads, widened by a shift as loaded, once for
+      // the group's rows (1.0-1.5x in an A/B). The others are widened once, here: one-row
+      // blocks (one row per load: the shift cost 5-15%), few tokens (the shift is scalar
+      // there), float16 (its widening is no shift) and one token (gathered by index).
       constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
-      const bool narrow = kBf16 && tokens >= 32 && height > 1;
-      // One copy at most: widened and made contiguous (a transposed view) at once.
-      const auto x = narrow ? xT.contiguous()
-                     : xT.scalar_type() == acc_type && xT.is_contiguous()
-                         ? xT
-                         : at::empty(xT.sizes(), xT.options().dtype(acc_type)).copy_(xT);
+      const bool narrow = kBf16 && xT.is_contiguous() && tokens >= 32 && height > 1;
+      at::Tensor x;
+      if constexpr (std::is_same_v<scalar_t, acc_t>)
+        x = transposed_copy<scalar_t>(xT);
+      else  // one copy at most: widened and made contiguous (a transposed view) at once
+        x = narrow || (xT.scalar_type() == acc_type && xT.is_contiguous())
+                ? xT
+                : at::empty(xT.sizes(), xT.options().dtype(acc_type)).copy_(xT);
       const auto b = bias.has_value() ? bias->to(acc_type).contiguous() : at::Tensor();
       const auto run = [&](auto rows) {
         constexpr int64_t H = decltype(rows)::value;

@@ -44,6 +44,18 @@ def test_every_tile_edge_matches_dense(tokens, block, dtype):
     torch.testing.assert_close(got, expected.to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("view", ["rows of a wider tensor", "every other column"])
+def test_inputs_of_any_strides_match_dense(view, dtype):
+    """The kernel reads features x tokens: a transposed view is copied in blocks (rows of
+    a wider tensor: a pitch beyond the width), other strides through torch's copy."""
+    weight = block_sparse(48, 64, (4, 4), 0.7).to(dtype)
+    wide = torch.randn(40, 128).to(dtype)
+    x = wide[:, :64] if view == "rows of a wider tensor" else wide[:, ::2]
+    got = _apply(weight, x, None, (4, 4))
+    torch.testing.assert_close(got, torch.nn.functional.linear(x.float(), weight.float()).to(dtype))
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     block_rows=st.integers(1, 12),

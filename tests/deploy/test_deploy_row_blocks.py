@@ -28,8 +28,10 @@ def _apply(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, blo
 # 1 token takes the vector path (partial sums in 16 lanes from width 8, over two runs of
 # them at width 32); 64 is one full register tile of a group of up to 4 rows (32 of 8
 # rows); 63/65/130 leave a rest. Heights 1, 2, 4, 16 take row groups of 1, 2, 4 and 8
-# rows; a height of 3 is stored as blocks of one row. bfloat16 activations stay 16-bit in
-# the tiles of blocks with rows from 32 tokens on.
+# rows; a height of 3 is stored as blocks of one row. A layer's input reaches the kernel
+# as a transposed view (copied to features x tokens); the next row-block layer's, as a
+# contiguous tensor, which bfloat16 reads without a copy in blocks with rows from 32
+# tokens on.
 @pytest.mark.parametrize("tokens", [0, 1, 2, 63, 64, 65, 130])
 @pytest.mark.parametrize(
     "block", [(1, 1), (1, 4), (1, 16), (2, 1), (3, 4), (4, 4), (2, 32), (16, 16)]
@@ -39,9 +41,11 @@ def test_every_tile_edge_matches_dense(tokens, block, dtype):
     weight = block_sparse(48, 64, block, 0.8).to(dtype)
     bias = torch.randn(48).to(dtype)
     x = torch.randn(tokens, 64).to(dtype)
-    got = _apply(weight, x, bias, block)
-    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
-    torch.testing.assert_close(got, expected.to(dtype))
+    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(dtype)
+    torch.testing.assert_close(_apply(weight, x, bias, block), expected)
+    layout = RowBlockLayout.fit(weight, "layer 'w'", block)
+    from_contiguous = native.row_block_linear_t(x.T.contiguous(), layout.pack(weight), bias)
+    torch.testing.assert_close(from_contiguous.T, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

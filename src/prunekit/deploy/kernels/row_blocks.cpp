@@ -7,7 +7,8 @@
 // multiplies a contiguous run of tokens. bfloat16 and float16 weights (which torch's CPU
 // sparse kernels refuse) are read as they are stored, half the bytes of float32, and
 // multiplied in float32: every row accumulates in float32, and the activations are
-// widened once per call (bfloat16 ones, in blocks with rows, as they are loaded).
+// widened once per call (contiguous bfloat16 ones, in blocks with rows, as they are
+// loaded).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -294,11 +295,13 @@ at::Tensor row_block_linear_t(const at::Tensor& xT, const at::Tensor& crow,
                                     "row_block_linear_t", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-      // bfloat16 activations stay bfloat16 in the tiles of blocks with rows (h > 1) from
-      // 32 tokens: half the bytes each tile reads, widened by a shift as loaded, once for
-      // the group's rows (1.0-1.5x in an A/B). The others are widened once, here: one-row
-      // blocks (one row per load: the shift cost 5-15%), few tokens (the shift is scalar
-      // there), float16 (its widening is no shift) and one token (gathered by index).
+      // Contiguous bfloat16 activations (what a row-block layer passes the next) stay
+      // bfloat16 in the tiles of blocks with rows (h > 1) from 32 tokens: half the bytes
+      // each tile reads, widened by a shift as loaded, once for the group's rows (1.0-1.5x
+      // in an A/B). The others are widened once, here: transposed views (they need a copy
+      // anyway, and torch's bfloat16 transposing one ran slower than its widening one),
+      // one-row blocks (one row per load: the shift cost 5-15%), few tokens (the shift is
+      // scalar there), float16 (its widening is no shift) and one token (gathered).
       constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
       const bool narrow = kBf16 && xT.is_contiguous() && tokens >= 32 && height > 1;
       at::Tensor x;

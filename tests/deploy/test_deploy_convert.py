@@ -15,7 +15,7 @@ from prunekit.parametrization import FakeSparsity
 from tests.deploy._models import block_sparse, sparse_mlp
 from tests.helpers import assert_unchanged, snapshot
 
-X = torch.randn(4, 8, 64)
+X = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0))  # whatever ran first
 
 
 @pytest.mark.parametrize(
@@ -317,4 +317,7 @@ def test_16_bit_models_run_on_row_blocks(dtype, cast):
     x = X.to(dtype)
     got = deployed(x)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, model.to(dtype)(x))
+    # Both round the hidden layer to float16 on their own: a few ulps apart at the output
+    # (worst of 300 random inputs: 2.7e-3 with atol = rtol; the default 1e-3 failed 3%).
+    tolerance = {"atol": 5e-3, "rtol": 5e-3} if dtype == torch.float16 else {}
+    torch.testing.assert_close(got, model.to(dtype)(x), **tolerance)

@@ -97,9 +97,10 @@ def register_layout(cls: type[Layout]) -> type[Layout]:
 
 
 def _compressed_linear(
-    x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, layout: str
+    x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, layout: Layout
 ) -> torch.Tensor:
     # sparse @ dense wants the sparse operand first: y.T = W @ x.T (+ bias as a column).
+    # ``layout`` names the layout in the error only: nothing is formatted per call.
     try:
         if bias is None:
             return torch.mm(packed, x2d.T).T
@@ -108,8 +109,8 @@ def _compressed_linear(
         if packed.device.type != "cpu" or packed.dtype not in (torch.bfloat16, torch.float16):
             raise
         raise UnsupportedError(
-            f"layout {layout!r} with a {packed.dtype} weight: torch's CPU CSR/BSR kernels "
-            "multiply float32 and float64 only. Deploy a 16-bit model (cast before "
+            f"layout {layout.describe()!r} with a {packed.dtype} weight: torch's CPU CSR/BSR "
+            "kernels multiply float32 and float64 only. Deploy a 16-bit model (cast before "
             "to_sparse) with layout='row_blocks' or 'auto', or keep it in float32"
         ) from exc
 
@@ -150,7 +151,7 @@ class CsrLayout(Layout):
             return weight.detach().contiguous().to_sparse_csr()
 
     def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-        return _compressed_linear(x2d, packed, bias, self.describe())
+        return _compressed_linear(x2d, packed, bias, self)
 
 
 def _stored_fraction(nonzero: torch.Tensor, block: tuple[int, int]) -> float:
@@ -223,7 +224,7 @@ class BsrLayout(Layout):
             return weight.detach().contiguous().to_sparse_bsr(self.blocksize)
 
     def linear(self, x2d: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-        return _compressed_linear(x2d, packed, bias, self.describe())
+        return _compressed_linear(x2d, packed, bias, self)
 
     def describe(self) -> str:
         return f"bsr{self.blocksize[0]}x{self.blocksize[1]}"

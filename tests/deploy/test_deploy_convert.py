@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,58 +87,82 @@ def test_paired_samples_time_both_in_every_block():
     assert confirmed_speedup(slow, fast, x, blocks=2) > 1
 
 
-class _Counting(nn.Module):
-    """Identity that counts its calls and takes at least ``delay_s`` each."""
+class _Clock:
+    """A stand-in for ``time.perf_counter`` that moves only when a model says it took
+    time, so timing logic is tested exactly, whatever the machine's load."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> _Clock:
+    import prunekit.deploy.auto as auto
+
+    fake = _Clock()
+    monkeypatch.setattr(auto, "time", SimpleNamespace(perf_counter=fake))
+    return fake
+
+
+class _Counting(nn.Module):
+    """Identity that counts its calls and takes ``cost_s`` of the clock each."""
+
+    def __init__(self, clock: _Clock, cost_s: float) -> None:
         super().__init__()
-        self.delay_s, self.calls = delay_s, 0
+        self.clock, self.cost_s, self.calls = clock, cost_s, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        self.clock.now += self.cost_s
         return x
 
 
-def test_timing_runs_every_model_the_same_number_of_calls_sized_on_the_slowest():
+def test_timing_runs_every_model_the_same_number_of_calls_sized_on_the_slowest(clock):
     """Samples of unequal length would bias the ratio by the first calls' slowdown."""
     from prunekit.deploy.auto import paired_samples, time_candidates
 
+    ms = 2.0**-10  # about a millisecond, and exact in binary: call counts are exact
     x = torch.randn(2, 4)
-    fast, slow = _Counting(0.0), _Counting(2e-3)
-    paired_samples(fast, slow, x, blocks=2, sample_s=10e-3)
-    assert fast.calls == slow.calls
-    assert 2 + 5 * 2 < slow.calls <= 2 + 5 * (1 + 5)  # several calls, no more than 10 ms
-    models = {"dense": _Counting(0.0), "csr": _Counting(2e-3), "bsr": _Counting(0.0)}
-    time_candidates(models, x, budget_s=30e-3, sample_s=10e-3, min_samples=3)
-    assert len({m.calls for m in models.values()}) == 1
-    assert models["csr"].calls <= 2 + 3 * (1 + 5)
+    fast, slow = _Counting(clock, ms / 8), _Counting(clock, 2 * ms)
+    paired_samples(fast, slow, x, blocks=2, sample_s=10 * ms)
+    # sizing: 1 + 1 call each; warm-up: 1 sample each; 2 ABBA blocks: 4 samples each,
+    # every sample 1 untimed call + the 5 that the slower runs in 10 ms
+    assert fast.calls == slow.calls == 2 + 1 * (1 + 5) + 2 * 2 * (1 + 5)
+    models = {"dense": _Counting(clock, ms / 8), "csr": _Counting(clock, 2 * ms),
+              "bsr": _Counting(clock, 0.0)}  # fmt: skip
+    times = time_candidates(models, x, budget_s=30 * ms, sample_s=10 * ms, min_samples=3)
+    assert {m.calls for m in models.values()} == {2 + 3 * (1 + 5)}
+    assert times == {"dense": 1e3 * ms / 8, "csr": 1e3 * 2 * ms, "bsr": 0.0}
 
 
 class _SlowAfterSwitch(nn.Module):
     """Takes 1 ms a call, 2 ms for the first three calls after another module ran."""
 
-    def __init__(self, last: list[nn.Module]) -> None:
+    def __init__(self, clock: _Clock, last: list[nn.Module]) -> None:
         super().__init__()
-        self.last, self.since_switch = last, 0
+        self.clock, self.last, self.since_switch = clock, last, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.last[0] is not self:
             self.last[0], self.since_switch = self, 0
         self.since_switch += 1
-        time.sleep(2e-3 if self.since_switch <= 3 else 1e-3)
+        self.clock.now += 2e-3 if self.since_switch <= 3 else 1e-3
         return x
 
 
-def test_paired_blocks_cancel_the_cost_of_a_switch():
-    """Equal models: one AB pair's ratio would be (n) / (n + 2) or its inverse by order."""
-    from prunekit.deploy.auto import paired_samples
+def test_paired_blocks_cancel_the_cost_of_a_switch(clock):
+    """Equal models: a single AB pair would favour whichever ran second (it runs after
+    itself in ABBA); each block's mean gives both the same time."""
+    from prunekit.deploy.auto import confirmed_speedup, paired_samples
 
     last: list[nn.Module] = [nn.Identity()]
-    a, b = _SlowAfterSwitch(last), _SlowAfterSwitch(last)
+    a, b = _SlowAfterSwitch(clock, last), _SlowAfterSwitch(clock, last)
     a_s, b_s = paired_samples(a, b, torch.zeros(1), blocks=3, sample_s=5e-3)
-    assert all(0.9 < s / t < 1.1 for s, t in zip(a_s, b_s, strict=True))
+    assert a_s == pytest.approx(b_s) and len(a_s) == 3
+    assert confirmed_speedup(a, b, torch.zeros(1)) == pytest.approx(1.0)
 
 
 def test_auto_reports_layers_the_inputs_never_reach():

@@ -11,7 +11,7 @@ import prunekit.deploy.model_round as model_round
 from prunekit.deploy import SparseLinear, to_sparse
 from tests.deploy._models import sparse_mlp
 
-X = torch.randn(32, 64)
+X = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
 
 
 class Rotary(nn.Module):

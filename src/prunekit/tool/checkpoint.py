@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -259,13 +260,15 @@ def _replay_plans(model: nn.Module, plans: list[dict[str, Any]]) -> int:
     every shape before it slices). Without the engine, the per-module diff that follows
     rebuilds the same shapes, so the plans are only kept as a record."""
     try:
-        from prunekit.structured.engine import PrunePlan
+        from prunekit.structured.engine import ConfigNotUpdatedWarning, PrunePlan
         from prunekit.structured.engine.plan import FORMAT as PLAN_FORMAT
     except ImportError:
         return 0
     ours = [p for p in plans if isinstance(p, dict) and p.get("format") == PLAN_FORMAT]
-    for plan in ours:
-        PrunePlan.from_dict(model, plan).apply()
+    with warnings.catch_warnings():  # its advice (replay the plan) is what this does
+        warnings.simplefilter("ignore", ConfigNotUpdatedWarning)
+        for plan in ours:
+            PrunePlan.from_dict(model, plan).apply()
     return len(ours)
 
 

@@ -8,6 +8,7 @@ removed together, rank them, plan, and shrink the model in place.
 
 from prunekit.structured.engine.api import prune
 from prunekit.structured.engine.capture import CaptureError
+from prunekit.structured.engine.hf_config import ConfigNotUpdatedWarning
 from prunekit.structured.engine.importance import (
     Importance,
     get_importance,
@@ -19,6 +20,7 @@ from prunekit.structured.engine.plan import PrunePlan
 
 __all__ = [
     "CaptureError",
+    "ConfigNotUpdatedWarning",
     "Importance",
     "LayerPruner",
     "PrunePlan",

@@ -14,6 +14,7 @@ from torch import nn
 
 from prunekit.errors import ConfigError, StateError
 from prunekit.structured.engine.apply import AttrChange, Slice, apply_slices
+from prunekit.structured.engine.hf_config import fit_config
 
 __all__ = ["GroupSummary", "PrunePlan"]
 
@@ -48,14 +49,18 @@ class PrunePlan:
     inexact: list[str] = field(default_factory=list)
     attrs: list[AttrChange] = field(default_factory=list)
     applied: bool = False
+    config_changes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def apply(self) -> nn.Module:
-        """Slice every planned tensor and fix module attributes; returns the model.
-        Parameters are new objects afterwards, so rebuild optimizers."""
+        """Slice every planned tensor, fix module attributes and, for a ``transformers``
+        model, write the new widths into its config (``config_changes``: field -> (old,
+        new)) so ``from_pretrained`` rebuilds it; returns the model. Parameters are new
+        objects afterwards, so rebuild optimizers."""
         if self.applied:
             raise StateError("this PrunePlan was applied already; a plan applies once")
         apply_slices(self.model, self.slices, self.attrs)
         self.applied = True
+        self.config_changes = fit_config(self.model, [(a.owner, a.name) for a in self.attrs])
         return self.model
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.structured.engine import ConfigNotUpdatedWarning, PrunePlan, prune
+from prunekit.structured.engine import CaptureError, ConfigNotUpdatedWarning, PrunePlan, prune
 from prunekit.tool import record_plan
 from tests.structured.test_engine_hf import VOCAB, _bert, _gpt2, _llama, _t5_encoder
-from tests.structured.zoo import small_zoo
+from tests.structured.zoo import masked_copy, small_zoo
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,3 +165,28 @@ def test_prunekit_load_replays_such_a_plan_silently(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(X).last_hidden_state, model(X).last_hidden_state,
                                    rtol=0, atol=0)  # fmt: skip
+
+
+def test_a_model_with_its_cache_on_is_captured_without_it_and_keeps_the_setting() -> None:
+    """Pretrained causal LMs ship with use_cache=True, whose cache object torch.export
+    cannot return; the capture turns it off for itself only, and generation with the
+    cache runs on the shrunk model as without it."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.config.use_cache is True
+    with pytest.raises(CaptureError):
+        prune(model, torch.randn(2, 6, 3), ratio=0.5)
+    assert model.config.use_cache is True
+    plan = prune(model, X, ratio=0.5)
+    assert model.config.use_cache is True
+    masked = masked_copy(model, plan)
+    _apply_quietly(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X).logits, masked(X).logits, rtol=1e-5, atol=1e-5)
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    cached = model.generate(X[:1], use_cache=True, **settings)
+    assert torch.equal(cached, model.generate(X[:1], use_cache=False, **settings))
+    assert torch.equal(cached, masked.generate(X[:1], use_cache=True, **settings))

@@ -76,7 +76,7 @@ def capture(
     try:
         graph = _LeafTracer(leaves).trace(model)
     except Exception as fx_error:
-        with _eval(model):
+        with _eval(model), _without_cache(model):
             return _export(model, example_inputs, leaves, fx_error)
     names = [n.target for n in graph.nodes if n.op == "placeholder"]
     if len(example_inputs) > len(names):
@@ -99,6 +99,22 @@ def _eval(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextmanager
+def _without_cache(model: nn.Module) -> Iterator[None]:
+    """A transformers model with ``config.use_cache`` (every pretrained causal LM) returns
+    a key/value cache object that torch.export cannot hold; the channels do not depend on
+    it, so the capture runs without it and the setting is restored after."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _export(

@@ -1,5 +1,5 @@
-"""The README's Python examples run as written (blocks fenced ```python, in order, each
-file section in one namespace)."""
+"""The README's Python examples run as written: blocks fenced ```python, in order, in one
+namespace (each test runs the blocks before its own, whose names later examples use)."""
 
 import re
 from pathlib import Path

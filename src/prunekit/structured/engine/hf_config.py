@@ -62,44 +62,43 @@ def fit_config(
         return {}
     attributes = tuple(attributes)
     target = _widths(model, attributes)
-    candidate = copy.deepcopy(config)
-    built = _meta_build(model, candidate)
+    updates: dict[str, int] = {}
+    built = _meta_build(model, config, updates)
     if built is None:
         _warn(model, f"{type(model).__name__} could not be built from its config")
         return {}
     if _mismatch(built, model, target, attributes) is None:
         return {}
-    changes: dict[str, tuple[int, int]] = {}
     for name in WIDTH_FIELDS:
-        value = getattr(candidate, name, None)
+        value = getattr(config, name, None)
         if type(value) is not int or value < 1:
             continue
-        new = _solve(model, candidate, name, _widths(built, attributes), target, attributes)
-        if new is None:
-            continue
-        setattr(candidate, name, new)
-        rebuilt = _meta_build(model, candidate)
-        if rebuilt is None:
-            setattr(candidate, name, value)
-            continue
-        built, changes[name] = rebuilt, (value, new)
+        new = _solve(model, config, updates, name, _widths(built, attributes), target,
+                     attributes)  # fmt: skip
+        rebuilt = None if new is None else _meta_build(model, config, {**updates, name: new})
+        if rebuilt is not None:
+            built, updates[name] = rebuilt, new
     problem = _mismatch(built, model, target, attributes)
     if problem is not None:
         _warn(model, problem)
         return {}
-    for name, (_, new) in changes.items():
+    changes = {name: (getattr(config, name), new) for name, new in updates.items()}
+    for name, new in updates.items():
         setattr(config, name, new)
     return changes
 
 
-def _meta_build(model: nn.Module, config: Any) -> nn.Module | None:
-    """The model's class built from ``config`` on the meta device, or None if the class
-    refuses the config (transformers raises what each model checks: widths that do not
-    divide into heads, ...)."""
+def _meta_build(model: nn.Module, config: Any, updates: dict[str, int]) -> nn.Module | None:
+    """The model's class built on the meta device from a copy of ``config`` with
+    ``updates``, or None if the config or the class refuses them (transformers raises
+    what each model checks: widths that do not divide into heads, ...)."""
     try:
+        candidate = copy.deepcopy(config)
+        for name, value in updates.items():
+            setattr(candidate, name, value)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return type(model)._from_config(config)
+            return type(model)._from_config(candidate)
     except Exception:  # any refusal means this config cannot be used
         return None
 
@@ -128,17 +127,15 @@ def _float_constants(model: nn.Module) -> dict[str, float]:
 
 
 def _solve(
-    model: nn.Module, config: Any, name: str, base: Widths, target: Widths,
-    attributes: tuple[tuple[str, str], ...],
+    model: nn.Module, config: Any, updates: dict[str, int], name: str, base: Widths,
+    target: Widths, attributes: tuple[tuple[str, str], ...],
 ) -> int | None:  # fmt: skip
     """The new value of field ``name`` if every width that follows it agrees on one.
-    Doubling the field shows which widths follow it; they are linear in it,
-    ``w = w0 + (w1 - w0) * (v / v0 - 1)``. Fields are solved one after another against
-    the config so far, so a width two fields share (heads x head width) moves once."""
+    Doubling the field (on top of the ``updates`` so far) shows which widths follow it;
+    they are linear in it, ``w = w0 + (w1 - w0) * (v / v0 - 1)``. Fields are solved one
+    after another, so a width two fields share (heads x head width) moves once."""
     value = getattr(config, name)
-    probe = copy.deepcopy(config)
-    setattr(probe, name, 2 * value)
-    doubled = _meta_build(model, probe)
+    doubled = _meta_build(model, config, {**updates, name: 2 * value})
     if doubled is None:
         return None
     estimates = set()

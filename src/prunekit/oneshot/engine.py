@@ -37,6 +37,7 @@ from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = [
     "BlockInput",
+    "add_input_squares",
     "batch_list",
     "call_model",
     "capture_inputs",
@@ -117,6 +118,14 @@ def batch_list(where: str, batches: Any, allow_empty: bool = False) -> list[Any]
     if not listed and not allow_empty:
         raise ConfigError(f"{where}: no calibration batches; give at least one")
     return listed
+
+
+def add_input_squares(total: torch.Tensor, _module: nn.Module, args: tuple, dim: int = -1
+                      ) -> None:  # fmt: skip
+    """Forward pre-hook: add the squares of the layer's input, per feature along ``dim``
+    (the last for linear layers, 1 for convolutions), to ``total``."""
+    x = args[0].detach().movedim(dim, -1)
+    total.add_(x.reshape(-1, x.shape[-1]).double().square().sum(0).cpu())
 
 
 def run_batches(model: nn.Module, batches: Sequence[Any]) -> None:

@@ -32,7 +32,7 @@ from prunekit.experts import (
     routed_layout,
     unfused_experts,
 )
-from prunekit.oneshot.engine import batch_list, run_batches
+from prunekit.oneshot.engine import add_input_squares, batch_list, run_batches
 
 __all__ = ["prune_expert_channels"]
 
@@ -66,19 +66,14 @@ def _width_attr(model: nn.Module, width: int) -> str | None:
 SCORES = ("activation", "wanda")
 
 
-def _add_squares(total: torch.Tensor, _module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: add the squares of the layer's inputs, per feature, to ``total``."""
-    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-    total.add_(x.square().sum(0).cpu())
-
-
 def _scores(model: nn.Module, batches: list[Any], score: str) -> dict[str, torch.Tensor]:
     """Per bank, ``experts x width`` channel scores from one pass over the batches."""
     with unfused_experts(model) as swapped:
         sums = {fqn: torch.zeros(len(layers.down_proj), layers.down_proj[0].in_features,
                                  dtype=torch.float64) for fqn, layers in swapped.items()}
-        handles = [layer.register_forward_pre_hook(functools.partial(_add_squares, sums[fqn][e]))
-                   for fqn, layers in swapped.items() for e, layer in enumerate(layers.down_proj)]
+        hooks = [(layer, functools.partial(add_input_squares, sums[fqn][e]))
+                 for fqn, layers in swapped.items() for e, layer in enumerate(layers.down_proj)]
+        handles = [layer.register_forward_pre_hook(hook) for layer, hook in hooks]
         try:
             run_batches(model, batches)
         finally:

@@ -6,7 +6,7 @@ Reference-compatible pruners (``torch.ao.pruning._experimental.pruner``): row ma
 """
 
 from prunekit.structured.base import BaseStructuredSparsifier
-from prunekit.structured.engine import PrunePlan, prune
+from prunekit.structured.engine import ActivationImportance, PrunePlan, prune
 from prunekit.structured.parametrization import BiasHook, FakeStructuredSparsity
 from prunekit.structured.patterns import default_patterns
 from prunekit.structured.prune_functions import (
@@ -29,6 +29,7 @@ from prunekit.structured.prune_functions import (
 from prunekit.structured.pruners import FPGMPruner, LSTMSaliencyPruner, SaliencyPruner
 
 __all__ = [
+    "ActivationImportance",
     "BaseStructuredSparsifier",
     "BiasHook",
     "FPGMPruner",

@@ -6,6 +6,7 @@ removed together, rank them, plan, and shrink the model in place.
 >>> plan.apply()       # slices the tensors; the model stays a plain nn.Module
 """
 
+from prunekit.structured.engine.activation import ActivationImportance
 from prunekit.structured.engine.api import prune
 from prunekit.structured.engine.capture import CaptureError
 from prunekit.structured.engine.hf_config import ConfigNotUpdatedWarning
@@ -19,6 +20,7 @@ from prunekit.structured.engine.layers import LayerPruner, register_layer
 from prunekit.structured.engine.plan import PrunePlan
 
 __all__ = [
+    "ActivationImportance",
     "CaptureError",
     "ConfigNotUpdatedWarning",
     "Importance",

@@ -50,13 +50,13 @@ def _reloaded(model: nn.Module, folder: Path) -> nn.Module:
     return type(model).from_pretrained(folder).eval()
 
 
+LM_WIDTHS = {"hidden_size": (64, 32), "intermediate_size": (96, 48),
+             "num_attention_heads": (4, 2), "num_key_value_heads": (2, 1)}  # fmt: skip
 FITS = {
-    "llama-tied": (lambda: _causal_lm("llama"), {"hidden_size": (64, 32),
-                   "intermediate_size": (96, 48), "num_attention_heads": (4, 2),
-                   "num_key_value_heads": (2, 1)}),
-    "qwen3-untied": (lambda: _causal_lm("qwen3", tied=False), {"hidden_size": (64, 32),
-                     "intermediate_size": (96, 48), "num_attention_heads": (4, 2),
-                     "num_key_value_heads": (2, 1)}),
+    "llama-tied": (lambda: _causal_lm("llama"), LM_WIDTHS),
+    "qwen3-untied": (lambda: _causal_lm("qwen3", tied=False), LM_WIDTHS),
+    "mistral-tied": (lambda: _causal_lm("mistral"), LM_WIDTHS),
+    "qwen2-untied": (lambda: _causal_lm("qwen2", tied=False), LM_WIDTHS),
     # the hidden width is its output, so it stays
     "llama-model": (lambda: _llama().eval(), {"intermediate_size": (96, 48),
                     "num_attention_heads": (4, 2), "num_key_value_heads": (2, 1)}),

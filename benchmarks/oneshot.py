@@ -64,12 +64,13 @@ def tiny_llama() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
     return model, list(ids[: sizes["calib_seqs"]]), list(ids[sizes["calib_seqs"] :])
 
 
-def smollm2(calib_seqs: int) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+def smollm2(calib_seqs: int, eval_seqs: int = FULL["eval_seqs"], seq_len: int = FULL["seq_len"]
+            ) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """SmolLM2, and disjoint calibration and held-out sequences of the summaries."""
     model, tokenizer = load_smollm2()
     calibration, held_out = split_texts(wiki_summaries(), holdout=0.1, seed=0)
-    e, length = FULL["eval_seqs"], FULL["seq_len"]
-    return model, token_batches(tokenizer, calibration, calib_seqs, length), token_batches(
-        tokenizer, held_out, e, length)
+    return model, token_batches(tokenizer, calibration, calib_seqs, seq_len), token_batches(
+        tokenizer, held_out, eval_seqs, seq_len)
 
 
 def block_statistics_mib(model: nn.Module) -> float:

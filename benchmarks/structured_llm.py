@@ -23,19 +23,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks._common import interleaved, parse_args, ratio, write_results
-from benchmarks.oneshot import tiny_llama
-from prunekit.oneshot.data import (
-    load_smollm2,
-    perplexity,
-    split_texts,
-    token_batches,
-    wiki_summaries,
-)
+from benchmarks.oneshot import smollm2, tiny_llama
+from prunekit.oneshot.data import perplexity
 from prunekit.structured.engine import ActivationImportance, prune
 
 FULL = {"calib_seqs": 32, "eval_seqs": 32, "seq_len": 256,
         "runs": [("pruned", r) for r in (0.125, 0.25, 0.5)] + [("kept", r) for r in (0.25, 0.5)]}
-QUICK = {"calib_seqs": 4, "eval_seqs": 2, "seq_len": 32, "runs": [("pruned", 0.25), ("kept", 0.25)]}
+QUICK = {"runs": [("pruned", 0.25), ("kept", 0.25)]}  # on benchmarks.oneshot's tiny Llama
 SCORES = ("l2", "activation", "wanda")
 PROMPT = 128
 
@@ -43,11 +37,8 @@ PROMPT = 128
 def _setup(quick: bool) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
     if quick:
         return tiny_llama()
-    model, tokenizer = load_smollm2()
-    calibration, held_out = split_texts(wiki_summaries(), holdout=0.1, seed=0)
-    length = FULL["seq_len"]
-    return model.eval(), token_batches(tokenizer, calibration, FULL["calib_seqs"], length), \
-        token_batches(tokenizer, held_out, FULL["eval_seqs"], length)
+    model, calibration, held_out = smollm2(FULL["calib_seqs"], FULL["eval_seqs"], FULL["seq_len"])
+    return model.eval(), calibration, held_out
 
 
 def _macs(model: nn.Module, ids: torch.Tensor) -> int:

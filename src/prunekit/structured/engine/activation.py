@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import ConfigError
+from prunekit.linear_like import is_conv1d, is_linear_like
 from prunekit.structured.engine.importance import Importance
 
 __all__ = ["ActivationImportance"]
@@ -34,10 +35,8 @@ SCORES = ("activation", "wanda")
 def _input_dim(module: nn.Module) -> tuple[int, int] | None:
     """``(dim of the input holding channels, dim of the weight indexing them)``, or None
     for a layer whose input channels this criterion does not score."""
-    if isinstance(module, nn.Linear):
-        return -1, 1
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers, in x out
-        return -1, 0
+    if is_linear_like(module):  # transformers' Conv1D stores its weight in x out
+        return -1, 0 if is_conv1d(module) else 1
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
         return 1, 1
     return None

@@ -6,7 +6,9 @@ Every method sees the same calibration sequences (cut from 90% of the summaries 
 other 10%). Peak memory is measured apart, in fresh processes
 (``benchmarks.oneshot_memory``). ``--quick`` runs a tiny random Llama on random tokens
 (a smoke test: no packages, no meaning). Each configuration also runs with
-``dense_targets=True`` (layers fitted to the dense model's outputs). ``--jobs N`` runs
+``dense_targets=True`` (layers fitted to the dense model's outputs); Wanda and SparseGPT
+also run with OWL's sparsity per block (``prunekit.owl_sparsity``, its time included in
+the row's), at 50% and at 70% where OWL was made for. ``--jobs N`` runs
 configurations in N processes side by side (``--threads`` each); pruning times are then
 those of one process sharing the machine.
 ``--only "sparsegpt + dense targets@50%,..."`` re-measures those rows and keeps the
@@ -41,15 +43,18 @@ from prunekit.oneshot.data import (
 
 FULL = {"calib_seqs": 128, "eval_seqs": 32, "seq_len": 512}
 QUICK = {"calib_seqs": 4, "eval_seqs": 2, "seq_len": 32}
-Run = tuple[str, str | None, bool, bool]  # method, pattern, dense_targets, exact_update
+# method, sparsity ("50%" or an "N:M" pattern), dense_targets, exact_update, owl
+Run = tuple[str, str, bool, bool, bool]
 RUNS: list[Run] = [
-    (method, pattern, dense, exact)
-    for pattern in (None, "2:4")
+    (method, sparsity, dense, exact, False)
+    for sparsity in ("50%", "2:4")
     for method, dense, exact in (
         ("magnitude", False, False), ("wanda", False, False), ("sparsegpt", False, False),
         ("admm", False, False), ("wanda", True, False), ("sparsegpt", True, False),
         ("sparsegpt", True, True), ("admm", True, False))
-]
+] + [(method, sparsity, False, False, owl) for sparsity in ("50%", "70%")
+     for method in ("wanda", "sparsegpt") for owl in (False, True)
+     if owl or sparsity != "50%"]  # fmt: skip
 MiB = 2**20
 
 
@@ -93,28 +98,38 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _label(method: str, dense_targets: bool, exact_update: bool = False) -> str:
-    extras = ["dense targets"] * dense_targets + ["exact update"] * exact_update
+def _label(method: str, dense_targets: bool, exact_update: bool = False, owl: bool = False
+           ) -> str:  # fmt: skip
+    extras = (["dense targets"] * dense_targets + ["exact update"] * exact_update
+              + ["OWL"] * owl)
     return " + ".join([method, *extras])
 
 
 def _key(run: Run) -> tuple[str, str]:
     """The row's ``(method, sparsity)`` labels."""
-    method, pattern, dense_targets, exact_update = run
-    return _label(method, dense_targets, exact_update), pattern or "50%"
+    method, sparsity, dense_targets, exact_update, owl = run
+    return _label(method, dense_targets, exact_update, owl), sparsity
+
+
+def prune(model: nn.Module, run: Run, calib: list[torch.Tensor]) -> None:
+    """Prune ``model`` in place as ``run`` says (OWL's allocation pass included)."""
+    method, sparsity, dense_targets, exact_update, owl = run
+    level = int(sparsity[:-1]) / 100 if sparsity.endswith("%") else None
+    pattern = None if level is not None else sparsity
+    batches = None if method == "magnitude" else calib
+    overrides = prunekit.owl_sparsity(model, batches, level) if owl else None
+    prunekit.oneshot(model, batches, method, level, pattern, dense_targets=dense_targets,
+                     exact_update=exact_update, overrides=overrides, progress=False)
 
 
 def measure(run: Run, quick: bool, threads: int, dense_ppl: float, calib_seqs: int
             ) -> dict[str, Any]:  # fmt: skip
     """One pruning of a fresh copy of the model: its perplexity and time."""
     torch.set_num_threads(threads)
-    method, pattern, dense_targets, exact_update = run
     model, calib, held_out = _setup(quick, calib_seqs)
     pruned = copy.deepcopy(model)
-    batches = None if method == "magnitude" else calib
     start = time.perf_counter()
-    prunekit.oneshot(pruned, batches, method, pattern=pattern, dense_targets=dense_targets,
-                     exact_update=exact_update, progress=False)
+    prune(pruned, run, calib)
     seconds = time.perf_counter() - start
     ppl = perplexity(pruned, held_out)
     label, sparsity = _key(run)
@@ -147,8 +162,8 @@ def measure_all(quick: bool, jobs: int, threads: int, runs: list[Run], calib_seq
 
 def _cost(run: Run) -> int:
     """A rough order of pruning times: dense targets double them, SparseGPT > Wanda."""
-    method, _, dense_targets, exact_update = run
-    return 2 * dense_targets + exact_update + {"magnitude": -2, "wanda": 0, "sparsegpt": 1,
+    method, _, dense_targets, exact_update, owl = run
+    return 2 * dense_targets + exact_update + owl + {"magnitude": -2, "wanda": 0, "sparsegpt": 1,
                                                      "admm": 1}[method]
 
 

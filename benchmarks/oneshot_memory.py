@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-import prunekit
 from benchmarks._common import (
     MMAP_THRESHOLD,
     parse_args,
@@ -43,7 +42,18 @@ from benchmarks._common import (
     results_json,
     write_results,
 )
-from benchmarks.oneshot import FULL, QUICK, MiB, Run, _key, _seed, _selected, _setup, merged
+from benchmarks.oneshot import (
+    FULL,
+    QUICK,
+    MiB,
+    Run,
+    _key,
+    _seed,
+    _selected,
+    _setup,
+    merged,
+    prune,
+)
 from benchmarks.oneshot import block_statistics_mib as hessians_mib
 from prunekit.oneshot.blocks import resolve_blocks
 from prunekit.oneshot.engine import (
@@ -115,15 +125,11 @@ def cut(model: torch.nn.Module, blocks: int) -> torch.nn.Module:
 def measure(run: Run, quick: bool, blocks: int, threads: int) -> dict[str, Any]:
     """The resident memory one pruning adds, in this (fresh) process."""
     torch.set_num_threads(threads)
-    method, pattern, dense_targets, exact_update = run
     model, calib, _ = _setup(quick)
     cut(model, blocks)
-    batches = None if method == "magnitude" else calib
     forward = block_forward_mib(model, calib[0])
     _trim()
-    peak = peak_extra_mib(lambda: prunekit.oneshot(
-        model, batches, method, pattern=pattern, dense_targets=dense_targets,
-        exact_update=exact_update, progress=False))
+    peak = peak_extra_mib(lambda: prune(model, run, calib))
     label, sparsity = _key(run)
     row = {"method": label, "sparsity": sparsity, "peak extra MiB": peak,
            "block forward MiB": forward}

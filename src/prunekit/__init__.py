@@ -27,7 +27,7 @@ from prunekit.mappings import (
     get_dynamic_sparse_quantized_mapping,
     get_static_sparse_quantized_mapping,
 )
-from prunekit.oneshot import drop_experts, oneshot, prune_expert_channels
+from prunekit.oneshot import drop_experts, oneshot, owl_sparsity, prune_expert_channels
 from prunekit.parametrization import FakeSparsity, module_contains_param
 from prunekit.scheduler import BaseScheduler, CubicSL, LambdaSL
 from prunekit.sparsifier import (
@@ -76,6 +76,7 @@ __all__ = [
     "module_contains_param",
     "module_to_fqn",
     "oneshot",
+    "owl_sparsity",
     "prune_expert_channels",
     "save",
     "sensitivity_scan",

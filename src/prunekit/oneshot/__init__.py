@@ -5,7 +5,8 @@
 ``from prunekit.oneshot.<module> import ...``). ``blocks`` finds the stack of blocks
 to prune one after another, ``engine`` runs them (mixture-of-experts banks unfused by
 ``prunekit.experts``), ``expert_drop`` removes whole experts (``prunekit.drop_experts``),
-``expert_channels`` narrows them (``prunekit.prune_expert_channels``), ``data`` loads the
+``expert_channels`` narrows them (``prunekit.prune_expert_channels``), ``owl`` spreads
+sparsity among blocks by their outlier weights (``prunekit.owl_sparsity``), ``data`` loads the
 real model and text used by the benchmark and the slow tests.
 """
 
@@ -13,5 +14,7 @@ from prunekit.oneshot.api import METHODS, oneshot
 from prunekit.oneshot.blocks import find_decoder_stack
 from prunekit.oneshot.expert_channels import prune_expert_channels
 from prunekit.oneshot.expert_drop import drop_experts
+from prunekit.oneshot.owl import owl_sparsity
 
-__all__ = ["METHODS", "drop_experts", "find_decoder_stack", "oneshot", "prune_expert_channels"]
+__all__ = ["METHODS", "drop_experts", "find_decoder_stack", "oneshot", "owl_sparsity",
+           "prune_expert_channels"]

@@ -94,11 +94,13 @@ def _check_token_ids(i: int, ids: torch.Tensor, vocab: int) -> None:
                           f"[{low}, {high}]")
 
 
-def _check_batches(model: nn.Module, batches: Any, method: str) -> list[Any]:
-    if batches is None and method == "magnitude":
+def check_batches(model: nn.Module, batches: Any, where: str, allow_empty: bool = False
+                  ) -> list[Any]:  # fmt: skip
+    """The batches as a list, each a tensor, dict or tuple; token ids (when the model has
+    a ``config.vocab_size``) checked for dtype, shape and range. ``where`` names the caller."""
+    if batches is None and allow_empty:
         return []
-    batches = batch_list(f"oneshot(method={method!r})", batches,
-                         allow_empty=method == "magnitude")
+    batches = batch_list(where, batches, allow_empty=allow_empty)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for i, batch in enumerate(batches):
         if not isinstance(batch, (torch.Tensor, dict, tuple, list)):
@@ -206,7 +208,8 @@ def oneshot(
         per_block = resolve_layers(model, stack, layers)
         entries = _entries(model, [n for names in per_block.values() for n in names], target,
                            overrides)
-        batches = _check_batches(model, calibration_batches, method)
+        batches = check_batches(model, calibration_batches, f"oneshot(method={method!r})",
+                                allow_empty=method == "magnitude")
         if layers is None:
             _warn_unpruned(model, stack, per_block)
         if sparsifier is None:

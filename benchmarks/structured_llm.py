@@ -85,6 +85,19 @@ def _rebuilds(model: nn.Module, ids: torch.Tensor) -> bool:
         return torch.equal(rebuilt(ids).logits, model(ids).logits)
 
 
+def shrunk(dense: nn.Module, calibration: list[torch.Tensor], hidden: str, ratio: float,
+           score: str) -> nn.Module:  # fmt: skip
+    """A copy of ``dense`` with ``ratio`` of its channels removed, ranked by ``score``;
+    ``hidden="kept"`` keeps the residual stream's width (the embedding is ignored)."""
+    model = copy.deepcopy(dense)
+    importance = score if score == "l2" else ActivationImportance(model, calibration, score=score)
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    ignored = [embedding] if hidden == "kept" else []
+    prune(model, calibration[0], ratio=ratio, importance=importance,
+          ignored_layers=ignored).apply()
+    return model
+
+
 def measure(quick: bool, repeats: int) -> list[dict[str, Any]]:
     sizes = QUICK if quick else FULL
     dense, calibration, held_out = _setup(quick)
@@ -96,17 +109,10 @@ def measure(quick: bool, repeats: int) -> list[dict[str, Any]]:
              "perplexity": round(dense_ppl, 2), "x dense ppl": 1.0,
              "params M": round(dense_params / 1e6, 1), "MACs x": 1.0,
              "prefill x": 1.0, "decode x": 1.0, "plan s": 0.0, "config rebuilds": True}]
-    embedding = next(n for n, m in dense.named_modules() if m is dense.get_input_embeddings())
     for hidden, r in sizes["runs"]:
         for score in SCORES:
-            model = copy.deepcopy(dense)
             start = time.perf_counter()
-            importance = score if score == "l2" else ActivationImportance(
-                model, calibration, score=score)
-            ignored = [embedding] if hidden == "kept" else []  # its width is the stream's
-            plan = prune(model, calibration[0], ratio=r, importance=importance,
-                         ignored_layers=ignored)  # fmt: skip
-            plan.apply()
+            model = shrunk(dense, calibration, hidden, r, score)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, held_out)
             rows.append({

@@ -195,3 +195,43 @@ def test_gradual_prune_bad_input(kwargs: dict, error: type, message: str) -> Non
 def test_keep_masks_wants_an_optimizer() -> None:
     with pytest.raises(ConfigTypeError, match="optimizer must be a torch Optimizer, got list"):
         prunekit.keep_masks([], _model())
+
+
+def _tiny_lm() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_finetune_scores_a_language_model_per_token() -> None:
+    model, teacher = _tiny_lm(), _tiny_lm()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(3)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = (ids[:, :-1], ids[:, 1:])
+    with torch.no_grad():
+        student_logits = model(batch[0]).logits.reshape(-1, 64)
+        teacher_logits = teacher(batch[0]).logits.reshape(-1, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    plain = prunekit.finetune(model, [batch], optimizer=optimizer)
+    assert plain[0]["loss"] == pytest.approx(
+        float(F.cross_entropy(student_logits, batch[1].reshape(-1))), rel=1e-5)
+    distilled = prunekit.finetune(model, [batch], optimizer=optimizer, teacher=teacher,
+                                  kd_alpha=0.7, kd_temperature=2.0)
+    want = distillation_loss(student_logits, teacher_logits, batch[1].reshape(-1), 0.7, 2.0)
+    assert distilled[0]["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert teacher.training is False
+
+
+def test_finetune_lowers_a_language_models_loss_and_refuses_unshifted_targets() -> None:
+    model = _tiny_lm()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    log = prunekit.finetune(model, [(ids[:, :-1], ids[:, 1:])] * 8, epochs=3, lr=1e-2)
+    assert log[-1]["loss"] < log[0]["loss"] * 0.8
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"targets of shape \(4, 15\) do not match logits "
+                                          r"of shape \(4, 16, 64\)"):
+        prunekit.finetune(model, [(ids, ids[:, 1:])], lr=1e-2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -113,12 +113,26 @@ def _batch_loss(
     alpha: float, temperature: float,
 ) -> torch.Tensor:
     inputs, target = (t.to(_device(model)) for t in batch)
-    output = model(inputs)
+    output, flat = _per_token(model(inputs), target)
     if teacher is None:
-        return loss_fn(output, target)
+        return loss_fn(output, flat)
     with torch.no_grad():
-        soft = teacher(inputs)
-    return distillation_loss(output, soft, target, alpha, temperature)
+        soft, _ = _per_token(teacher(inputs), target)
+    return distillation_loss(output, soft, flat, alpha, temperature)
+
+
+def _per_token(output: Any, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A transformers output (one with ``logits``, classes last) as ``(tokens, classes)``
+    logits and flat targets, so that a language model's every position is one sample of
+    the loss and of the distillation's batch mean; any other output as it is."""
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        return output, target
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ConfigError(f"targets of shape {tuple(target.shape)} do not match logits of "
+                          f"shape {tuple(logits.shape)}: a language model's batch is "
+                          "(ids[:, :-1], ids[:, 1:]), one target per position")
+    return logits.flatten(0, -2), target.flatten()
 
 
 def _zero_fraction(model: nn.Module) -> float:
@@ -230,7 +244,9 @@ def finetune(
 ) -> list[dict[str, float]]:
     """A short fine-tune, e.g. after ``prunekit.structured.prune(...).apply()`` (the
     optimizer is built here, over the shrunk parameters, unless given: Adam at ``lr``).
-    Any masks on the model are kept through the optimizer as in ``gradual_prune``."""
+    Any masks on the model are kept through the optimizer as in ``gradual_prune``.
+    ``loader`` yields ``(inputs, targets)``; for a transformers language model
+    ``(ids[:, :-1], ids[:, 1:])``: its logits are scored per token."""
     _check_train_args(model, epochs, kd_alpha, kd_temperature)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     handle = keep_masks(optimizer, model)

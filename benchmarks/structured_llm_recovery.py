@@ -1,7 +1,7 @@
 """Recovery of a structurally pruned language model: SmolLM2-135M shrunk by the
 dependency-graph engine (channels ranked by calibration activations, as in
 ``benchmarks.structured_llm``), then fine-tuned briefly with ``prunekit.finetune``,
-distilling from the dense model. Held-out perplexity after each quarter of the training
+distilling from the dense model. Held-out perplexity after each eighth of the training
 sequences (cut from the calibration split; the held-out text is disjoint), and the
 training time. One untuned recipe: Adam at lr 1e-4, one sequence per step, distillation
 weight 0.5 at temperature 2.
@@ -23,10 +23,10 @@ from benchmarks.oneshot import smollm2, tiny_llama
 from benchmarks.structured_llm import shrunk
 from prunekit.oneshot.data import perplexity
 
-FULL = {"train_seqs": 128, "calib_seqs": 32, "eval_seqs": 32, "seq_len": 256,
+FULL = {"train_seqs": 512, "calib_seqs": 32, "eval_seqs": 32, "seq_len": 256,
         "runs": [("kept", 0.5), ("pruned", 0.25)]}
 QUICK = {"calib_seqs": 4, "runs": [("kept", 0.5)]}  # on benchmarks.oneshot's tiny Llama
-CHUNKS = 4
+CHUNKS = 8
 RECIPE = {"lr": 1e-4, "kd_alpha": 0.5, "kd_temperature": 2.0}
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from prunekit._glibc import glibc_function
@@ -128,19 +129,24 @@ def add_input_squares(total: torch.Tensor, _module: nn.Module, args: tuple, dim:
     total.add_(x.reshape(-1, x.shape[-1]).double().square().sum(0).cpu())
 
 
-def run_batches(model: nn.Module, batches: Sequence[Any]) -> None:
-    """Run every batch through ``model`` in ``inference_context`` (for the hooks a
-    caller set); a failing forward raises ``ConfigError`` naming the batch, prunekit's
-    own errors (raised by a hook) pass through."""
-    with inference_context(model):
-        for i, batch in enumerate(batches):
-            try:
-                call_model(model, batch)
-            except PruneKitError:
-                raise
-            except Exception as err:
-                raise ConfigError(f"calibration batch {i}: the model's forward failed: "
-                                  f"{type(err).__name__}: {err}") from err
+def run_batches(model: nn.Module, batches: Sequence[Any], hooks: Sequence[RemovableHandle]
+                ) -> None:  # fmt: skip
+    """Run every batch through ``model`` in ``inference_context`` for the ``hooks`` the
+    caller registered, then remove them, also on failure. A failing forward raises
+    ``ConfigError`` naming the batch; prunekit's own errors (raised by a hook) pass through."""
+    try:
+        with inference_context(model):
+            for i, batch in enumerate(batches):
+                try:
+                    call_model(model, batch)
+                except PruneKitError:
+                    raise
+                except Exception as err:
+                    raise ConfigError(f"calibration batch {i}: the model's forward failed: "
+                                      f"{type(err).__name__}: {err}") from err
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @contextmanager

@@ -74,11 +74,7 @@ def _scores(model: nn.Module, batches: list[Any], score: str) -> dict[str, torch
         hooks = [(layer, functools.partial(add_input_squares, sums[fqn][e]))
                  for fqn, layers in swapped.items() for e, layer in enumerate(layers.down_proj)]
         handles = [layer.register_forward_pre_hook(hook) for layer, hook in hooks]
-        try:
-            run_batches(model, batches)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_batches(model, batches, handles)
         if score == "activation":
             return {fqn: total.sqrt() for fqn, total in sums.items()}
         return {fqn: sums[fqn].sqrt() * torch.stack(

@@ -82,11 +82,7 @@ def _usage(model: nn.Module, routers: dict[str, nn.Module], batches: list[Any]
 
     handles = [r.register_forward_hook(functools.partial(record, fqn))
                for fqn, r in routers.items()]
-    try:
-        run_batches(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_batches(model, batches, handles)
     return mass
 
 

@@ -94,11 +94,7 @@ def owl_sparsity(
                    for n, m in modules.items()}
         handles = [m.register_forward_pre_hook(functools.partial(add_input_squares, squares[n]))
                    for n, m in modules.items()]
-        try:
-            run_batches(model, batches)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_batches(model, batches, handles)
         fractions = {b: _outlier_fraction([modules[n] for n in names], [squares[n] for n in names],
                                           threshold) for b, names in per_block.items()}
         sizes = {b: sum(modules[n].weight.numel() for n in names) for b, names in per_block.items()}

@@ -80,11 +80,7 @@ class ActivationImportance(Importance):
                 "ActivationImportance: the model has no nn.Linear, Conv1D or ungrouped "
                 "convolution whose inputs could be scored"
             )
-        try:
-            run_batches(model, batches)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_batches(model, batches, handles)
 
     def score(
         self, module: nn.Module, fqn: str, tensor: torch.Tensor, dim: int

@@ -143,3 +143,12 @@ def test_bad_arguments_are_refused_before_anything_changes(llama, batches, kwarg
 def test_bad_batches_are_named(llama, data, error, match):
     with pytest.raises(error, match=match):
         prunekit.owl_sparsity(llama, data, 0.5)
+
+
+def test_non_finite_activations_are_named(llama, batches):
+    model = copy.deepcopy(llama)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    with pytest.raises(ConfigError, match=r"layer 'model\.layers\.1\.mlp\.gate_proj' received "
+                                          r"NaN or inf activations"):
+        prunekit.owl_sparsity(model, batches, 0.5)

@@ -69,10 +69,11 @@ def owl_sparsity(
     layers: list[str] | None = None,
 ) -> dict[str, float]:
     """``{layer fqn: sparsity}`` for ``oneshot``'s ``overrides``: each block's layers
-    share a sparsity between about ``sparsity - spread`` and ``sparsity + spread``, lower
-    where more Wanda scores exceed ``threshold`` times the block's mean (the paper's M=5,
-    λ=0.08). ``blocks``, ``layers`` and the batches are those ``oneshot`` takes; the
-    model runs once in eval mode without autograd and is left as it was.
+    share one level, lower where more Wanda scores exceed ``threshold`` times the block's
+    mean; the levels span ``2 * spread`` (the paper's M=5, λ=0.08) and their mean,
+    weighted by the blocks' pruned weights, is ``sparsity``. ``blocks``, ``layers`` and
+    the batches are those ``oneshot`` takes; the model runs once in eval mode without
+    autograd and is left as it was.
 
     >>> overrides = owl_sparsity(model, batches, 0.7)                # doctest: +SKIP
     >>> prunekit.oneshot(model, batches, "wanda", 0.7, overrides=overrides)  # doctest: +SKIP
@@ -95,6 +96,10 @@ def owl_sparsity(
         handles = [m.register_forward_pre_hook(functools.partial(add_input_squares, squares[n]))
                    for n, m in modules.items()]
         run_batches(model, batches, handles)
+        broken = [n for n, total in squares.items() if not torch.isfinite(total).all()]
+        if broken:
+            raise ConfigError(f"owl_sparsity: layer {broken[0]!r} received NaN or inf "
+                              "activations on the calibration batches")
         fractions = {b: _outlier_fraction([modules[n] for n in names], [squares[n] for n in names],
                                           threshold) for b, names in per_block.items()}
         sizes = {b: sum(modules[n].weight.numel() for n in names) for b, names in per_block.items()}

@@ -44,7 +44,10 @@ def test_auto_keeps_the_fastest_and_explains_it():
     first = deployed.deploy_report["0"]
     assert {"dense", "csr"} < set(first.times_ms)
     assert any(k.startswith("bsr") for k in first.times_ms)
-    assert first.layout == min(first.times_ms, key=first.times_ms.get) or first.layout == "dense"
+    sparse_ms = {k: v for k, v in first.times_ms.items() if k != "dense"}
+    # the layer's round keeps dense or its fastest sparse layout, which then beat dense;
+    # the model round may put a layer kept dense into that fastest sparse layout too
+    assert first.layout in ("dense", min(sparse_ms, key=sparse_ms.get))
     assert first.reason.startswith(("fastest:", "no layout beats dense"))
     assert any(s.startswith("semi_structured: ") and "CUDA" in s for s in first.skipped)
     sparsity = (model[0].weight == 0).float().mean().item()

@@ -71,9 +71,9 @@ def _scores(model: nn.Module, batches: list[Any], score: str) -> dict[str, torch
     with unfused_experts(model) as swapped:
         sums = {fqn: torch.zeros(len(layers.down_proj), layers.down_proj[0].in_features,
                                  dtype=torch.float64) for fqn, layers in swapped.items()}
-        hooks = [(layer, functools.partial(add_input_squares, sums[fqn][e]))
-                 for fqn, layers in swapped.items() for e, layer in enumerate(layers.down_proj)]
-        handles = [layer.register_forward_pre_hook(hook) for layer, hook in hooks]
+        handles = [layer.register_forward_pre_hook(functools.partial(add_input_squares, total))
+                   for fqn, layers in swapped.items()
+                   for layer, total in zip(layers.down_proj, sums[fqn], strict=True)]
         run_batches(model, batches, handles)
         if score == "activation":
             return {fqn: total.sqrt() for fqn, total in sums.items()}

@@ -23,7 +23,7 @@ from torch import nn
 from prunekit.errors import ConfigError
 from prunekit.experts import unfused_experts
 from prunekit.fqn import fqn_to_module
-from prunekit.linear_like import out_in
+from prunekit.linear_like import in_features, out_in
 from prunekit.oneshot.api import check_batches
 from prunekit.oneshot.blocks import resolve_blocks, resolve_layers
 from prunekit.oneshot.engine import add_input_squares, run_batches
@@ -91,8 +91,7 @@ def owl_sparsity(
             )
         batches = check_batches(model, calibration_batches, "owl_sparsity")
         modules = {n: fqn_to_module(model, n) for names in per_block.values() for n in names}
-        squares = {n: torch.zeros(out_in(m, m.weight).shape[1], dtype=torch.float64)
-                   for n, m in modules.items()}
+        squares = {n: torch.zeros(in_features(m), dtype=torch.float64) for n, m in modules.items()}
         handles = [m.register_forward_pre_hook(functools.partial(add_input_squares, squares[n]))
                    for n, m in modules.items()]
         run_batches(model, batches, handles)

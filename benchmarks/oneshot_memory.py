@@ -11,7 +11,10 @@ it: within 4 MiB), and the cut model measures it in a minute instead of half an 
 128 KiB on its own and unmaps it when freed: the resident peak (``VmHWM`` after a reset)
 is then what was alive at once, not what the allocator happened to keep cached.
 ``--quick`` runs the tiny random Llama; ``--only`` re-measures some rows as in
-``benchmarks.oneshot``.
+``benchmarks.oneshot``. Every calibrated configuration runs twice: as it is, and with
+``offload_folder`` (the hidden states of both streams on disk, a batch's at a time in
+memory); the rows' pruning times (of the cut model, two processes side by side) show
+what the disk costs.
 
 Before the baseline is read, each worker runs the dense model once on a calibration
 batch: libraries load their code pages and oneDNN its JIT kernels on first use (about
@@ -26,6 +29,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -44,6 +48,7 @@ from benchmarks._common import (
 )
 from benchmarks.oneshot import (
     FULL,
+    PLAIN,
     QUICK,
     MiB,
     Run,
@@ -64,6 +69,7 @@ from prunekit.oneshot.engine import (
 )
 
 BLOCKS = 2  # the cut model's default depth
+RUNS = PLAIN + [run._replace(offload=True) for run in PLAIN if run.method != "magnitude"]
 
 
 @contextmanager
@@ -129,10 +135,12 @@ def measure(run: Run, quick: bool, blocks: int, threads: int) -> dict[str, Any]:
     cut(model, blocks)
     forward = block_forward_mib(model, calib[0])
     _trim()
+    start = time.perf_counter()
     peak = peak_extra_mib(lambda: prune(model, run, calib))
+    seconds = time.perf_counter() - start
     label, sparsity = _key(run)
     row = {"method": label, "sparsity": sparsity, "peak extra MiB": peak,
-           "block forward MiB": forward}
+           "block forward MiB": forward, "prune s": seconds}
     print(row, flush=True)
     return row
 
@@ -155,9 +163,9 @@ def main() -> None:
                    "the others are kept from the committed results")])
     blocks = int(args.blocks or BLOCKS)
     name = "oneshot_memory" if blocks == BLOCKS else f"oneshot_memory-blocks{blocks}"
-    rows = measure_all(args.quick, blocks, args.jobs, args.threads, _selected(args.only))
+    rows = measure_all(args.quick, blocks, args.jobs, args.threads, _selected(args.only, RUNS))
     if args.only is not None:
-        rows = merged(rows, read_rows(results_json(name, args.quick)))
+        rows = merged(rows, read_rows(results_json(name, args.quick)), RUNS)
     model, calib, _ = _setup(args.quick)
     sizes = QUICK if args.quick else FULL
     hidden = len(calib) * sizes["seq_len"] * model.config.hidden_size * 4 / MiB
@@ -167,6 +175,7 @@ def main() -> None:
     bound = hidden + forward + hessians
     for row in rows:
         row["x bound"] = None if row["peak extra MiB"] is None else row["peak extra MiB"] / bound
+        row["prune s"] = row.pop("prune s", None)  # the last column (older rows have none)
     spread = f" (median of {min(forwards):.1f}-{max(forwards):.1f})" if forwards else ""
     what = "Tiny random Llama" if args.quick else "SmolLM2-135M-Instruct"
     notes = (

@@ -251,10 +251,12 @@ def test_structured_stage_through_a_recipe(tmp_path, capsys):
     assert text.splitlines()[0].split()[:2] == ["model", "params"]
 
 
-@pytest.mark.parametrize("extra", ["", ", dense_targets: true, exact_update: true"])
+@pytest.mark.parametrize("extra", ["", ", dense_targets: true, exact_update: true",
+                                   ", dense_targets: true, offload_folder: {tmp}"])
 def test_oneshot_stage_with_calibration_data(tmp_path, capsys, extra):
     save_file({"inputs": torch.randn(16, 1, 8, 8)}, str(tmp_path / "c.safetensors"))
     recipe = tmp_path / "r.yaml"
+    extra = extra.format(tmp=tmp_path)
     recipe.write_text(f"calibration: {{file: {tmp_path / 'c.safetensors'}, batches: 2, "
                       "batch_size: 8}\n"
                       f"stages: [{{type: oneshot, method: sparsegpt, sparsity: 0.5{extra}}}]\n")

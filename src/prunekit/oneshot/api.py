@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numbers
+import os
 import statistics
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +20,13 @@ from prunekit.linear_like import LAYER_KINDS, in_features, is_conv1d
 from prunekit.oneshot.blocks import Blocks, resolve_blocks, resolve_layers
 from prunekit.oneshot.dense_targets import DenseStream
 from prunekit.oneshot.engine import (
+    Records,
     batch_list,
     capture_inputs,
     inference_context,
     run_sequential,
 )
+from prunekit.oneshot.offload import OffloadedInputs, offload_directory
 from prunekit.parametrization import original_tensor
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.admm import AdmmSparsifier
@@ -163,6 +167,7 @@ def oneshot(
     percdamp: float = 0.01,
     dense_targets: bool = False,
     exact_update: bool = False,
+    offload_folder: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """Prune ``model`` in place, block by block, and return each layer's sparsity.
@@ -186,6 +191,11 @@ def oneshot(
     and the dense hidden states kept beside the pruned ones. ``percdamp`` damps its
     least-squares refit too. ``exact_update=True`` (SparseGPT only) solves the kept
     weights of every layer exactly for the mask OBS chose (see ``SparseGPTSparsifier``).
+    ``offload_folder``: keep the calibration hidden states (both streams with dense
+    targets) in a temporary directory made there, one file per batch, rather than in
+    memory (see ``prunekit.oneshot.offload``): memory then holds a batch of them at a
+    time, however many batches there are, for some disk traffic per stage. The results
+    are the same bit for bit.
 
     >>> import prunekit, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
@@ -220,11 +230,20 @@ def oneshot(
                                 "pattern": entries[layer][1]} for layer in names]
                        for block, names in per_block.items()}
             sparsifier.check_config(model, [e for config in configs.values() for e in config])
-            with inference_context(model):
-                inputs = capture_inputs(model, stack, batches)
-                dense = DenseStream(inputs, percdamp) if dense_targets else None
+            with offload_directory(offload_folder) as folder, inference_context(model):
+                inputs = capture_inputs(model, stack, batches,
+                                        folder and OffloadedInputs(folder / "pruned"))
+                dense = _dense_stream(inputs, folder, percdamp) if dense_targets else None
                 run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
         return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
+
+
+def _dense_stream(inputs: Records, folder: Path | None, percdamp: float) -> DenseStream:
+    """The dense stream over a copy of ``inputs``, offloaded beside them if they are."""
+    if isinstance(inputs, OffloadedInputs):
+        assert folder is not None
+        return DenseStream(inputs.copy_to(folder / "dense"), percdamp)
+    return DenseStream([record.copy() for record in inputs], percdamp)
 
 
 def _warn_unpruned(model: nn.Module, stack: Blocks, per_block: dict[str, list[str]]) -> None:

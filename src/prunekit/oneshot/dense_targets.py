@@ -41,7 +41,7 @@ from prunekit.parametrization import deepcopy_model, original_tensor
 from prunekit.sparsifier.oneshot_math import damped_cholesky
 
 if TYPE_CHECKING:
-    from prunekit.oneshot.engine import BlockInput
+    from prunekit.oneshot.engine import BlockInput, Records
 
 __all__ = ["DenseStream", "residual_sink"]
 
@@ -70,14 +70,15 @@ def _original(module: nn.Module) -> torch.Tensor:
 class DenseStream:
     """The dense model run beside the pruned one, block by block.
 
+    ``inputs``: the dense stream's own records, at first a copy of the pruned stream's.
     ``begin`` copies a block before any of its layers is pruned; ``refit`` collects one
     stage's paired inputs and writes the refit weights (see the module docstring) into
     its layers. The engine moves ``inputs`` (the dense hidden states) on through
     ``block``, the dense copy.
     """
 
-    def __init__(self, inputs: list[BlockInput], percdamp: float) -> None:
-        self.inputs = [record.copy() for record in inputs]
+    def __init__(self, inputs: Records, percdamp: float) -> None:
+        self.inputs = inputs
         self.percdamp = percdamp
         self.block: nn.Module | None = None
         self.prefix = ""
@@ -97,7 +98,7 @@ class DenseStream:
         block: nn.Module,
         stage: dict[str, nn.Module],
         shared_input: bool,
-        inputs: list[BlockInput],
+        inputs: Records,
         run: Runner,
         sink: str | None = None,
     ) -> None:
@@ -140,7 +141,7 @@ class DenseStream:
         name: str,
         layer: nn.Module,
         sink: str,
-        inputs: list[BlockInput],
+        inputs: Records,
         run: Runner,
     ) -> None:
         """``W' = W + E (H + λI)⁻¹`` with ``E = Σ (sum_d - sum_s) x_sᵀ``: the layer's

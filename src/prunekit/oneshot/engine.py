@@ -34,10 +34,12 @@ from prunekit.errors import ConfigError, ConfigTypeError, PruneKitError, Unsuppo
 from prunekit.experts import ParallelLayers
 from prunekit.oneshot.blocks import Blocks
 from prunekit.oneshot.dense_targets import DenseStream, residual_sink
+from prunekit.oneshot.offload import OffloadedInputs
 from prunekit.sparsifier.calibrated import CalibratedSparsifier
 
 __all__ = [
     "BlockInput",
+    "Records",
     "add_input_squares",
     "batch_list",
     "call_model",
@@ -68,6 +70,11 @@ class BlockInput:
     kwargs: dict[str, Any]
     later: list[BlockInput] = field(default_factory=list)
 
+    @property
+    def hidden(self) -> Any:
+        """The hidden states this record feeds the block (None where there are none)."""
+        return self.args[0] if self.args else self.kwargs.get("hidden_states")
+
     def replace_hidden(self, hidden: torch.Tensor | None) -> None:
         """Feed ``hidden`` (the previous block's output) as this block's input."""
         if self.args:
@@ -97,6 +104,9 @@ class BlockInput:
         other = self.copy()
         other.replace_hidden(None)
         return other
+
+
+Records = list[BlockInput] | OffloadedInputs  # one calibration stream's block inputs
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -168,8 +178,11 @@ def inference_context(model: nn.Module) -> Iterator[None]:
             config.use_cache = use_cache
 
 
-def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> list[BlockInput]:
-    """The inputs of the first block for every batch. The first batch runs through the
+def capture_inputs(
+    model: nn.Module, blocks: Blocks, batches: Sequence[Any], into: Records | None = None
+) -> Records:
+    """The inputs of the first block for every batch, appended to ``into`` (a new list
+    by default; ``OffloadedInputs`` to keep them on disk). The first batch runs through the
     whole model, so that a batch the model rejects anywhere raises ``ConfigError`` before
     any weight changes; the others stop at the first block, unless that block is the
     whole model (then every batch runs once here, for the same reason).
@@ -195,7 +208,7 @@ def capture_inputs(model: nn.Module, blocks: Blocks, batches: Sequence[Any]) -> 
 
     handles = [block.register_forward_pre_hook(functools.partial(hook, i), with_kwargs=True)
                for i, (_, block) in enumerate(blocks)]
-    records: list[BlockInput] = []
+    records: Records = [] if into is None else into
     sources: list[int] = [0]  # per block: the block whose inputs it gets (a record kept)
     try:
         for i, batch in enumerate(batches):
@@ -430,7 +443,7 @@ def _calibrate_stage(
     block: nn.Module,
     stage: Stage,
     modules: dict[str, nn.Module],
-    inputs: list[BlockInput],
+    inputs: Records,
     dense: DenseStream | None,
 ) -> None:
     """Collect the statistics of one stage (``modules``: its layers by name). A shared
@@ -472,10 +485,11 @@ def release_free_heap() -> None:
         trim(0)
 
 
-def _advance(block: nn.Module, inputs: list[BlockInput], fqn: str) -> None:
+def _advance(block: nn.Module, inputs: Records, fqn: str) -> None:
     """Replace every record's hidden states by ``block``'s output on it."""
-    for record in inputs:
+    for index, record in enumerate(inputs):
         record.advance(_hidden(forward_until(block, record, None), fqn))
+        inputs[index] = record  # stores it again where the records are offloaded
 
 
 def run_sequential(
@@ -483,7 +497,7 @@ def run_sequential(
     model: nn.Module,
     blocks: Blocks,
     configs: dict[str, list[dict[str, Any]]],
-    inputs: list[BlockInput],
+    inputs: Records,
     progress: bool = True,
     dense: DenseStream | None = None,
 ) -> None:
@@ -524,7 +538,7 @@ def _prune_block(
     model: nn.Module,
     block: nn.Module,
     config: list[dict[str, Any]],
-    inputs: list[BlockInput],
+    inputs: Records,
     dense: DenseStream | None,
 ) -> list[str]:
     """Prepare ``config`` (layers of ``block``), prune it stage by stage, squash.

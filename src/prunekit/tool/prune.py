@@ -93,7 +93,7 @@ def _run_stage(model: nn.Module, stage: dict, recipe: dict, example: tuple,
         structured_stage(model, example, stage["ratio"], stage["importance"], ignore)
     else:
         oneshot_stage(model, calibration, stage["method"], stage["sparsity"],
-                      stage["dense_targets"], stage["exact_update"])
+                      stage["dense_targets"], stage["exact_update"], stage["offload_folder"])
 
 
 def check_backends(recipe: dict) -> None:

@@ -85,6 +85,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "sparsity": Field("number", required=True, low=0.0, high=1.0),
         "dense_targets": Field("bool", default=False),
         "exact_update": Field("bool", default=False),
+        "offload_folder": Field("str", default=None),
     },
 }
 STAGE_TYPES = ("unstructured", "structured", "oneshot")

@@ -132,10 +132,11 @@ def structured_stage(model: nn.Module, example_inputs: tuple, ratio: float,
 
 
 def oneshot_stage(model: nn.Module, calibration: Sequence[Any], method: str,
-                  sparsity: float, dense_targets: bool = False, exact_update: bool = False
-                  ) -> Any:  # fmt: skip
+                  sparsity: float, dense_targets: bool = False, exact_update: bool = False,
+                  offload_folder: str | None = None) -> Any:
     """One-shot pruning with calibration batches through ``prunekit.oneshot``."""
     run = backend("oneshot")
     with torch.no_grad():
         return run(model, list(calibration), method=method, sparsity=sparsity,
-                   dense_targets=dense_targets, exact_update=exact_update)
+                   dense_targets=dense_targets, exact_update=exact_update,
+                   offload_folder=offload_folder)

@@ -13,8 +13,9 @@ is then what was alive at once, not what the allocator happened to keep cached.
 ``--quick`` runs the tiny random Llama; ``--only`` re-measures some rows as in
 ``benchmarks.oneshot``. Every calibrated configuration runs twice: as it is, and with
 ``offload_folder`` (the hidden states of both streams on disk, a batch's at a time in
-memory); the rows' pruning times (of the cut model, two processes side by side) show
-what the disk costs.
+memory). The rows' pruning times (of the cut model, two processes side by side) are
+a by-product, a rough guide only; ``benchmarks.oneshot`` times offloading on the whole
+model.
 
 Before the baseline is read, each worker runs the dense model once on a calibration
 batch: libraries load their code pages and oneDNN its JIT kernels on first use (about

@@ -15,9 +15,11 @@ from torch import nn
 
 import prunekit
 from prunekit.errors import ConfigError, ConfigTypeError, UnsupportedError
+from prunekit.oneshot import data
 from tests.helpers import assert_unchanged, snapshot
 from tests.oneshot.test_architectures import batches as gemma_batches
 from tests.oneshot.test_architectures import decoder
+from tests.oneshot.test_data import _real_packages
 from tests.oneshot.test_dense_targets import Repeat
 
 CALIBRATED = ("admm", "sparsegpt", "wanda")
@@ -112,15 +114,18 @@ def test_the_folder_is_emptied_when_pruning_fails(tmp_path):
     ("missing", ConfigError, "offload_folder '.*missing' is not a directory"),
     ("file", ConfigError, "offload_folder '.*file' is not a directory"),
 ])
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
 def test_a_bad_folder_is_refused_before_any_change(llama, batches, tmp_path, folder, error,
-                                                   message):
+                                                   message, method):
+    """Also by ``magnitude``, which has nothing to offload: the argument is wrong all
+    the same."""
     (tmp_path / "file").write_text("")
     if isinstance(folder, str):
         folder = tmp_path / folder
     model = copy.deepcopy(llama)
     before = snapshot(model)
     with pytest.raises(error, match=message):
-        prunekit.oneshot(model, batches, offload_folder=folder, progress=False)
+        prunekit.oneshot(model, batches, method, offload_folder=folder, progress=False)
     assert_unchanged(before, model)
 
 
@@ -153,3 +158,39 @@ def test_inputs_with_no_hidden_states_to_offload_are_refused(tmp_path):
                          offload_folder=tmp_path, progress=False)
     assert_unchanged(before, model)
     assert not any(tmp_path.iterdir())
+
+
+def test_offloaded_records_behave_as_a_list_of_independent_records(tmp_path):
+    from prunekit.oneshot.engine import BlockInput
+    from prunekit.oneshot.offload import OffloadedInputs
+
+    mask = torch.ones(4)
+    big = torch.randn(1000, 8)
+    records = OffloadedInputs(tmp_path / "a")
+    for i in range(3):
+        records.append(BlockInput((big[i:i + 2], mask), {"k": i}))
+    assert len(records) == 3 and torch.equal(records[-1].args[0], big[2:4])
+    assert records[1].args[1] is mask and records[1].kwargs == {"k": 1}
+    assert (tmp_path / "a" / "0.pt").stat().st_size < big.nbytes / 4  # the view, not all of big
+    twin = records.copy_to(tmp_path / "b")
+    moved = records[0]
+    moved.replace_hidden(torch.zeros(2, 8))
+    records[0] = moved
+    assert torch.equal(records[0].args[0], torch.zeros(2, 8))
+    assert torch.equal(twin[0].args[0], big[:2])  # the copy did not move
+    assert [r.kwargs["k"] for r in twin] == [0, 1, 2]
+    assert all(r.args[0] is None for r in records._records)  # nothing kept in memory
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_packages(), reason="needs the llm extra and the data packages")
+def test_smollm2_prunes_to_the_same_weights_offloaded(tmp_path):
+    """Real sizes (576 wide, 512-token batches), where kernels may take other paths on
+    tensors loaded from disk: still the same bits."""
+    model, tokenizer = data.load_smollm2()
+    model.model.layers = model.model.layers[:2]
+    calibration, _ = data.split_texts(data.wiki_summaries())
+    calib = data.token_batches(tokenizer, calibration, 16, 512)
+    kwargs = {"method": "sparsegpt", "dense_targets": True, "exact_update": True}
+    assert_same(pruned(model, calib, offload_folder=tmp_path, **kwargs),
+                pruned(model, calib, **kwargs))

@@ -6,7 +6,8 @@
 to prune one after another, ``engine`` runs them (mixture-of-experts banks unfused by
 ``prunekit.experts``), ``expert_drop`` removes whole experts (``prunekit.drop_experts``),
 ``expert_channels`` narrows them (``prunekit.prune_expert_channels``), ``owl`` spreads
-sparsity among blocks by their outlier weights (``prunekit.owl_sparsity``), ``data`` loads the
+sparsity among blocks by their outlier weights (``prunekit.owl_sparsity``), ``offload``
+keeps the calibration hidden states on disk (``offload_folder``), ``data`` loads the
 real model and text used by the benchmark and the slow tests.
 """
 

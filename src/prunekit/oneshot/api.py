@@ -26,7 +26,7 @@ from prunekit.oneshot.engine import (
     inference_context,
     run_sequential,
 )
-from prunekit.oneshot.offload import OffloadedInputs, offload_directory
+from prunekit.oneshot.offload import OffloadedInputs, check_folder, offload_directory
 from prunekit.parametrization import original_tensor
 from prunekit.sparsifier._checks import check_level
 from prunekit.sparsifier.admm import AdmmSparsifier
@@ -195,7 +195,7 @@ def oneshot(
     targets) in a temporary directory made there, one file per batch, rather than in
     memory (see ``prunekit.oneshot.offload``): memory then holds a batch of them at a
     time, however many batches there are, for some disk traffic per stage. The results
-    are the same bit for bit.
+    are the same bit for bit. ``magnitude`` keeps none, so has nothing to offload.
 
     >>> import prunekit, torch
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
@@ -213,6 +213,7 @@ def oneshot(
     if dense_targets and sparsifier is None:
         raise ConfigError("oneshot: dense_targets=True fits layers to calibration data; "
                           "method='magnitude' uses none")
+    check_folder(offload_folder)
     with unfused_experts(model):
         stack = resolve_blocks(model, blocks)
         per_block = resolve_layers(model, stack, layers)

@@ -9,7 +9,7 @@ of every expert, see ``experts``): run the block on the kept inputs up to the st
 last layer, calibrate, prune (a layer no token reached, by weight magnitude); then run
 the pruned block to make the inputs of the next one. Only one stage's statistics
 (Hessians) exist at any time; the kept hidden states are the one other cost, ``batches
-x tokens x width`` floats.
+x tokens x width`` floats, in memory or on disk (``offload.OffloadedInputs``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from prunekit.errors import ConfigError, ConfigTypeError
 if TYPE_CHECKING:
     from prunekit.oneshot.engine import BlockInput
 
-__all__ = ["OffloadedInputs", "offload_directory"]
+__all__ = ["OffloadedInputs", "check_folder", "offload_directory"]
 
 
 class OffloadedInputs:
@@ -47,6 +47,7 @@ class OffloadedInputs:
         return len(self._records)
 
     def __getitem__(self, index: int) -> BlockInput:
+        index = range(len(self))[index]  # -1 is the last, as in a list
         record = self._records[index].copy()
         record.replace_hidden(torch.load(self._path(index), weights_only=True))
         return record
@@ -55,6 +56,7 @@ class OffloadedInputs:
         return (self[index] for index in range(len(self)))
 
     def __setitem__(self, index: int, record: BlockInput) -> None:
+        index = range(len(self))[index]
         self._records[index] = self._store(index, record)
 
     def append(self, record: BlockInput) -> None:
@@ -84,19 +86,25 @@ class OffloadedInputs:
         return record.without_hidden()
 
 
-@contextmanager
-def offload_directory(folder: str | os.PathLike[str] | None) -> Iterator[Path | None]:
-    """A fresh directory inside ``folder`` (None: no offloading, yields None), removed
-    with everything in it on the way out, also on failure. An unusable ``folder`` is
-    refused before anything is written."""
+def check_folder(folder: object) -> None:
+    """Refuse an ``offload_folder`` that is neither None nor an existing directory."""
     if folder is None:
-        yield None
         return
     if not isinstance(folder, (str, os.PathLike)):
         raise ConfigTypeError(f"oneshot: offload_folder must be a path, got "
                               f"{type(folder).__name__} {folder!r}")
     if not Path(folder).is_dir():
         raise ConfigError(f"oneshot: offload_folder {str(folder)!r} is not a directory")
+
+
+@contextmanager
+def offload_directory(folder: str | os.PathLike[str] | None) -> Iterator[Path | None]:
+    """A fresh directory inside ``folder`` (checked by ``check_folder``; None: no
+    offloading, yields None), removed with everything in it on the way out, also on
+    failure. A ``folder`` it cannot make one in is refused before anything is written."""
+    if folder is None:
+        yield None
+        return
     try:
         path = Path(tempfile.mkdtemp(prefix="prunekit-offload-", dir=folder))
     except OSError as err:

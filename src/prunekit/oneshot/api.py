@@ -232,8 +232,8 @@ def oneshot(
                        for block, names in per_block.items()}
             sparsifier.check_config(model, [e for config in configs.values() for e in config])
             with offload_directory(offload_folder) as folder, inference_context(model):
-                inputs = capture_inputs(model, stack, batches,
-                                        folder and OffloadedInputs(folder / "pruned"))
+                into = None if folder is None else OffloadedInputs(folder / "pruned")
+                inputs = capture_inputs(model, stack, batches, into)
                 dense = _dense_stream(inputs, folder, percdamp) if dense_targets else None
                 run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
         return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}

@@ -7,7 +7,6 @@ import os
 import statistics
 import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -234,16 +233,15 @@ def oneshot(
             with offload_directory(offload_folder) as folder, inference_context(model):
                 into = None if folder is None else OffloadedInputs(folder / "pruned")
                 inputs = capture_inputs(model, stack, batches, into)
-                dense = _dense_stream(inputs, folder, percdamp) if dense_targets else None
+                dense = _dense_stream(inputs, percdamp) if dense_targets else None
                 run_sequential(sparsifier, model, stack, configs, inputs, progress, dense)
         return {layer: _zeros(fqn_to_module(model, layer).weight) for layer in entries}
 
 
-def _dense_stream(inputs: Records, folder: Path | None, percdamp: float) -> DenseStream:
+def _dense_stream(inputs: Records, percdamp: float) -> DenseStream:
     """The dense stream over a copy of ``inputs``, offloaded beside them if they are."""
     if isinstance(inputs, OffloadedInputs):
-        assert folder is not None
-        return DenseStream(inputs.copy_to(folder / "dense"), percdamp)
+        return DenseStream(inputs.copy_to(inputs.folder.with_name("dense")), percdamp)
     return DenseStream([record.copy() for record in inputs], percdamp)
 
 
